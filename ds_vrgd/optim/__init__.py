@@ -1,0 +1,14 @@
+"""The VR optimizers: torch.optim.Optimizer subclasses usable without DeepSpeed.
+
+Each is its base rule (SGD, Adam, AdamW, LARS, LAMB) with the GSNR factor
+rho of :mod:`ds_vrgd.gsnr` as an element-wise learning-rate multiplier
+(DESIGN.md §2). ``vr=False`` gives the base optimizer exactly.
+"""
+
+from ds_vrgd.optim._base import VROptimizer
+from ds_vrgd.optim.adam import VRAdam, VRAdamW
+from ds_vrgd.optim.lamb import VRLAMB
+from ds_vrgd.optim.lars import VRLARS
+from ds_vrgd.optim.sgd import VRSGD
+
+__all__ = ["VROptimizer", "VRSGD", "VRAdam", "VRAdamW", "VRLARS", "VRLAMB"]

@@ -1,0 +1,94 @@
+"""VR-Adam and VR-AdamW: Adam (torch.optim semantics) with the GSNR factor rho.
+
+    Adam:  d = g + wd * W                      AdamW: W <- W * (1 - lr * wd); d = g
+    m <- b1 m + (1 - b1) d;   v <- b2 v + (1 - b2) d^2
+    W <- W - lr * rho (.) m_hat / (sqrt(v_hat) + eps)
+
+With ``vr=False`` or ``gamma=0`` these are torch.optim.Adam / AdamW (no
+amsgrad, maximize, capturable or fused options).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+from ds_vrgd._tensor_lists import ListOps, TensorList
+from ds_vrgd.optim._base import GroupPieces, VROptimizer, reject_unknown, validate_betas, validate_eps
+
+
+class VRAdam(VROptimizer):
+    """Adam with L2 weight decay and GSNR element-wise learning rates."""
+
+    decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        gamma: float = 0.1,
+        eps_gsnr: float = 1e-20,
+        gsnr_warmup_steps: int = 0,
+        gsnr_ema: float = 0.0,
+        vr: bool = True,
+        foreach: Optional[bool] = None,
+        **unknown,
+    ):
+        reject_unknown(type(self), unknown)
+        validate_betas(betas)
+        validate_eps(eps)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr,
+        )
+        super().__init__(params, defaults, foreach)
+
+    def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
+        params, lr, wd = pieces.params, group["lr"], group["weight_decay"]
+        (beta1, beta2), t = group["betas"], pieces.step()
+        if self.decoupled_weight_decay:
+            ops.mul_(params, 1.0 - lr * wd)
+            direction = pieces.grads
+        else:
+            direction = ops.add(pieces.grads, params, alpha=wd) if wd else pieces.grads
+        exp_avg, exp_avg_sq = pieces.state("exp_avg"), pieces.state("exp_avg_sq")
+        ops.lerp_(exp_avg, direction, 1.0 - beta1)
+        ops.mul_(exp_avg_sq, beta2)
+        ops.addcmul_(exp_avg_sq, direction, direction, 1.0 - beta2)
+        denom = ops.sqrt(exp_avg_sq)
+        ops.mul_(denom, 1.0 / math.sqrt(1.0 - beta2**t))
+        ops.add_scalar_(denom, group["eps"])
+        if rho is not None:
+            ops.div_tensors_(denom, rho)  # rho = 0 gives denom = inf: no step
+        ops.addcdiv_(params, exp_avg, denom, -lr / (1.0 - beta1**t))
+
+
+class VRAdamW(VRAdam):
+    """AdamW (decoupled weight decay, default 1e-2) with GSNR element-wise learning rates."""
+
+    decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        gamma: float = 0.1,
+        eps_gsnr: float = 1e-20,
+        gsnr_warmup_steps: int = 0,
+        gsnr_ema: float = 0.0,
+        vr: bool = True,
+        foreach: Optional[bool] = None,
+        **unknown,
+    ):
+        super().__init__(
+            params, lr, betas, eps, weight_decay, gamma=gamma, eps_gsnr=eps_gsnr,
+            gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr, foreach=foreach, **unknown,
+        )

@@ -1,0 +1,87 @@
+"""VR-LAMB: LAMB (You et al. 2019) with the GSNR factor rho inside the trust ratio.
+
+    m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+    a = rho (.) (m_hat / (sqrt(v_hat) + eps) + wd * W)
+    trust = min(||W|| / ||a||, max_trust_ratio)   (1 if either norm is 0)
+    W <- W - lr * trust * a
+
+With ``exclude_1d`` (default) layers with ndim <= 1 (biases, LayerNorm) get
+trust = 1 and no weight decay. Norms are per layer, exact under ZeRO
+(DeepSpeed's FusedLamb takes them over the flat partition instead).
+
+This is the bias-corrected LAMB of the paper's v3+ / NVIDIA BERT recipe.
+Differences from ``pytorch_optimizer.Lamb`` (4.x), see
+tests/test_optim_peers.py for the measured comparison: its trust ratio is
+clipped to [0, max_trust_ratio]-style bounds only when ``max_grad_norm``/
+``clamp`` options say so, it applies the trust ratio and weight decay to every
+tensor (no ndim rule), and its ``adam``/``pre_norm`` modes have no analogue here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+from ds_vrgd._tensor_lists import ListOps, TensorList
+from ds_vrgd.optim._base import (
+    GroupPieces,
+    VROptimizer,
+    _check_range,
+    reject_unknown,
+    validate_betas,
+    validate_eps,
+)
+
+
+class VRLAMB(VROptimizer):
+    """Layer-wise adaptive moments (LAMB) with GSNR element-wise factors."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        max_trust_ratio: float = 10.0,
+        exclude_1d: bool = True,
+        *,
+        gamma: float = 0.1,
+        eps_gsnr: float = 1e-20,
+        gsnr_warmup_steps: int = 0,
+        gsnr_ema: float = 0.0,
+        vr: bool = True,
+        foreach: Optional[bool] = None,
+        **unknown,
+    ):
+        reject_unknown(type(self), unknown)
+        validate_betas(betas)
+        validate_eps(eps)
+        _check_range("max_trust_ratio", max_trust_ratio, 0.0, low_open=True, high_open=False)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
+            exclude_1d=bool(exclude_1d),
+            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr,
+        )
+        super().__init__(params, defaults, foreach)
+
+    def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
+        params, grads, wd = pieces.params, pieces.grads, group["weight_decay"]
+        (beta1, beta2), t = group["betas"], pieces.step()
+        exp_avg, exp_avg_sq = pieces.state("exp_avg"), pieces.state("exp_avg_sq")
+        ops.lerp_(exp_avg, grads, 1.0 - beta1)
+        ops.mul_(exp_avg_sq, beta2)
+        ops.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
+        denom = ops.sqrt(exp_avg_sq)
+        ops.mul_(denom, 1.0 / math.sqrt(1.0 - beta2**t))
+        ops.add_scalar_(denom, group["eps"])
+        update = ops.div(exp_avg, denom)
+        ops.mul_(update, 1.0 / (1.0 - beta1**t))
+        if wd:
+            decayed = self._decayed_pieces(pieces, group["exclude_1d"])
+            ops.add_([update[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
+        if rho is not None:
+            ops.mul_tensors_(update, rho)
+        trust = self._trust_ratios(pieces, update, ops, group["exclude_1d"], max_ratio=group["max_trust_ratio"])
+        ops.mul_(update, [-group["lr"] * r for r in trust])
+        ops.add_(params, update)

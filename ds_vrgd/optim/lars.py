@@ -1,0 +1,77 @@
+"""VR-LARS: LARS (You et al. 2017) with the GSNR factor rho before momentum.
+
+    d = g + wd * W
+    a = rho (.) d
+    trust = trust_coefficient * ||W|| / ||a||   (1 if either norm is 0)
+    b <- mu * b + trust * a                    (b = trust * a on the first step)
+    W <- W - lr * b
+
+With ``exclude_1d`` (default) layers with ndim <= 1 (biases, LayerNorm) get
+trust = 1 and no weight decay. Norms are per layer, exact under ZeRO.
+
+Differences from ``pytorch_optimizer.LARS`` (4.x), which with ``vr=False``
+otherwise computes the same trust ratio: it applies the trust ratio and
+weight decay to every tensor unless told otherwise (its ``exclude_from_layer_adaptation``
+hooks are per-parameter, not by ndim), has ``dampening``/``nesterov`` options
+(this rule has neither), and skips the trust ratio for zero norms in the same
+way. See tests/test_optim_peers.py for the measured comparison.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from ds_vrgd._tensor_lists import ListOps, TensorList
+from ds_vrgd.optim._base import GroupPieces, VROptimizer, _check_range, reject_unknown
+
+
+class VRLARS(VROptimizer):
+    """Layer-wise adaptive rate scaling with GSNR element-wise factors."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        exclude_1d: bool = True,
+        *,
+        gamma: float = 0.1,
+        eps_gsnr: float = 1e-20,
+        gsnr_warmup_steps: int = 0,
+        gsnr_ema: float = 0.0,
+        vr: bool = True,
+        foreach: Optional[bool] = None,
+        **unknown,
+    ):
+        reject_unknown(type(self), unknown)
+        _check_range("momentum", momentum, 0.0, 1.0)
+        _check_range("trust_coefficient", trust_coefficient, 0.0, low_open=True)
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+            exclude_1d=bool(exclude_1d),
+            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr,
+        )
+        super().__init__(params, defaults, foreach)
+
+    def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
+        params, wd, mu = pieces.params, group["weight_decay"], group["momentum"]
+        update = ops.clone(pieces.grads)
+        if wd:
+            decayed = self._decayed_pieces(pieces, group["exclude_1d"])
+            ops.add_([update[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
+        if rho is not None:
+            ops.mul_tensors_(update, rho)
+        trust = self._trust_ratios(pieces, update, ops, group["exclude_1d"], group["trust_coefficient"])
+        ops.mul_(update, trust)
+        if mu:
+            buffers = pieces.state("momentum_buffer")
+            if pieces.step() > 1:
+                ops.mul_(buffers, mu)
+                ops.add_(buffers, update)
+            else:
+                for buf, u in zip(buffers, update):
+                    buf.copy_(u)
+            update = buffers
+        ops.add_(params, update, alpha=-group["lr"])

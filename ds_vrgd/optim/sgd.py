@@ -1,0 +1,65 @@
+"""VR-SGD: SGD (torch.optim.SGD semantics) with the GSNR factor rho.
+
+    d = g + wd * W
+    b <- mu * b + (1 - dampening) * d          (b = d on the first step)
+    s = d + mu * b if nesterov else b          (s = d when mu = 0)
+    W <- W - lr * rho (.) s
+
+With ``vr=False`` or ``gamma=0`` this is torch.optim.SGD (no ``maximize``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from ds_vrgd._tensor_lists import ListOps, TensorList
+from ds_vrgd.optim._base import GroupPieces, VROptimizer, _check_range, reject_unknown
+
+
+class VRSGD(VROptimizer):
+    """SGD with momentum/Nesterov and GSNR element-wise learning rates."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        gamma: float = 0.1,
+        eps_gsnr: float = 1e-20,
+        gsnr_warmup_steps: int = 0,
+        gsnr_ema: float = 0.0,
+        vr: bool = True,
+        foreach: Optional[bool] = None,
+        **unknown,
+    ):
+        reject_unknown(type(self), unknown)
+        _check_range("momentum", momentum, 0.0)
+        _check_range("dampening", dampening, 0.0, 1.0, high_open=False)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Invalid nesterov: Nesterov momentum requires momentum > 0 and dampening = 0")
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr,
+        )
+        super().__init__(params, defaults, foreach)
+
+    def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
+        params, wd, mu = pieces.params, group["weight_decay"], group["momentum"]
+        direction = ops.add(pieces.grads, params, alpha=wd) if wd else pieces.grads
+        if mu:
+            buffers = pieces.state("momentum_buffer")
+            if pieces.step() == 1:
+                for buf, d in zip(buffers, direction):
+                    buf.copy_(d)
+            else:
+                ops.mul_(buffers, mu)
+                ops.add_(buffers, direction, alpha=1.0 - group["dampening"])
+            direction = ops.add(direction, buffers, alpha=mu) if group["nesterov"] else buffers
+        if rho is None:
+            ops.add_(params, direction, alpha=-group["lr"])
+        else:
+            ops.addcmul_(params, rho, direction, -group["lr"])
