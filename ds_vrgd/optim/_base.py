@@ -211,6 +211,20 @@ class VROptimizer(Optimizer):
         super().zero_grad(set_to_none)
         self._moments.reset()
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, keeping fp32 state (the GSNR EMA) in fp32 for low-precision parameters."""
+        fp32 = {
+            index: value["gsnr_q_ema"].float().clone()
+            for index, value in state_dict["state"].items()
+            if "gsnr_q_ema" in value
+        }
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        order = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for index, value in fp32.items():
+            param = params[order.index(index)]
+            self.state[param]["gsnr_q_ema"] = value.to(param.device)
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
