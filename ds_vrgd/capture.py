@@ -39,11 +39,14 @@ class MomentSource(Protocol):
     def sq_sum(self, param: Tensor) -> Optional[Tensor]:
         """Q for ``param`` (fp32, param's shape), or None if it saw no sample."""
 
-    def grad_scales(self, params: list[Tensor], grad_norms: list[float]) -> list[float]:
-        """c per parameter, given ||p.grad|| now, such that p.grad = c * sum of samples."""
+    def grad_scales(self, params: list[Tensor]) -> list[float]:
+        """c per owned tensor such that its grad = c * (sum of its samples)."""
+
+    def step_done(self) -> None:
+        """The optimizer finished a step() call (one param group under DeepSpeed ZeRO)."""
 
     def reset(self) -> None:
-        """Start a new step: forget the samples."""
+        """Start a new step: forget the samples (zero_grad)."""
 
     def close(self) -> None:
         """Stop capturing and free buffers."""
@@ -120,18 +123,23 @@ class BackwardHookMoments:
         capture = self._current(param)
         return None if capture is None else capture.sq
 
-    def grad_scales(self, params: list[Tensor], grad_norms: list[float]) -> list[float]:
+    def grad_scales(self, params: list[Tensor]) -> list[float]:
         captured = [self._current(p) for p in params]
-        at_capture = [c.grad_norm for c in captured if c is not None and c.grad_norm is not None]
-        values = iter(torch.stack(at_capture).tolist() if at_capture else [])
-        scales = []
-        for capture, now in zip(captured, grad_norms):
-            then = next(values) if capture is not None and capture.grad_norm is not None else 0.0
-            scales.append(now / then if then > 0.0 else 1.0)
+        known = [i for i, c in enumerate(captured) if c is not None and c.grad_norm is not None]
+        if not known:
+            return [1.0] * len(params)
+        now = torch._foreach_norm([params[i].grad for i in known], 2, dtype=torch.float32)
+        then = [captured[i].grad_norm for i in known]
+        ratios = torch.stack([torch.stack(now), torch.stack(then)]).tolist()
+        scales = [1.0] * len(params)
+        for i, grad_now, grad_then in zip(known, *ratios):
+            scales[i] = grad_now / grad_then if grad_then > 0.0 else 1.0
         return scales
 
     def reset(self) -> None:
         self._generation += 1
+
+    step_done = reset
 
     def close(self) -> None:
         for capture in self._captures.values():

@@ -195,6 +195,20 @@ class GsnrStats:
     at_high: list[float]
     skipped_steps: int = 0
 
+    def merged(self, other: "GsnrStats") -> "GsnrStats":
+        """These statistics and another param group's of the same step (DeepSpeed steps groups one by one)."""
+        return GsnrStats(
+            step=self.step,
+            n=self.n,
+            layer_names=self.layer_names + other.layer_names,
+            layer_numel=self.layer_numel + other.layer_numel,
+            sum_r=self.sum_r + other.sum_r,
+            sum_m2=self.sum_m2 + other.sum_m2,
+            sum_v=self.sum_v + other.sum_v,
+            at_low=self.at_low + other.at_low,
+            at_high=self.at_high + other.at_high,
+        )
+
     def as_dict(self, micro_batch_size: Optional[int] = None) -> dict:
         """Plain dict: per-layer mean GSNR and bound fractions, noise ratio, B_simple.
 

@@ -246,7 +246,7 @@ class VROptimizer(Optimizer):
                 for pieces, rho in zip(groups, rhos):
                     self._advance_step(pieces)
                     self._update(pieces.group, pieces, rho, ListOps(self._use_foreach(pieces.group)))
-        self._moments.reset()
+        self._moments.step_done()
         return loss
 
     def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
@@ -317,7 +317,7 @@ class VROptimizer(Optimizer):
         for pieces, on in zip(groups, active):
             grad_norms = ListOps(True).norms(pieces.grads)
             if on:
-                ratio, partial = self._group_ratio(pieces, grad_norms, n)
+                ratio, partial = self._group_ratio(pieces, n)
             else:
                 ratio, partial = None, torch.zeros(3, len(pieces), device=grad_norms.device)
             numel = torch.tensor([float(p.numel) if on else 0.0 for p in pieces.pieces], device=grad_norms.device)
@@ -333,14 +333,15 @@ class VROptimizer(Optimizer):
             self._record_stats(groups, rhos, table, sums, n)
         return rhos
 
-    def _group_ratio(self, pieces: GroupPieces, grad_norms: Tensor, n: int) -> tuple[TensorList, Tensor]:
-        owners = [piece.owner for piece in pieces.pieces]
-        scales = self._moments.grad_scales(owners, grad_norms.tolist())
-        sq = []
-        for piece, owner in zip(pieces.pieces, owners):
-            q = self._moments.sq_sum(owner)
-            sq.append(piece.of(q) if q is not None else torch.zeros_like(piece.of(owner), dtype=torch.float32))
-        mean_scales = [1.0 / (c * n) if c > 0 else 0.0 for c in scales]
+    def _group_ratio(self, pieces: GroupPieces, n: int) -> tuple[TensorList, Tensor]:
+        owners = list({id(piece.owner): piece.owner for piece in pieces.pieces}.values())
+        scale_of = dict(zip(map(id, owners), self._moments.grad_scales(owners)))
+        sq_of = {id(owner): self._moments.sq_sum(owner) for owner in owners}
+        sq, mean_scales = [], []
+        for piece in pieces.pieces:
+            q, c = sq_of[id(piece.owner)], scale_of[id(piece.owner)]
+            sq.append(piece.of(q) if q is not None else torch.zeros_like(piece.of(piece.owner), dtype=torch.float32))
+            mean_scales.append(1.0 / (c * n) if c > 0 else 0.0)
         ops = ListOps(self._use_foreach(pieces.group))
         return gsnr.gsnr_ratio(pieces.grads, sq, mean_scales, n, pieces.group["eps_gsnr"], ops)
 
@@ -370,7 +371,7 @@ class VROptimizer(Optimizer):
         def pick(row):
             return [row[i] for i in layers]
 
-        self._stats = gsnr.GsnrStats(
+        stats = gsnr.GsnrStats(
             step=step,
             n=n,
             layer_names=pick(table.layer_names),
@@ -381,6 +382,8 @@ class VROptimizer(Optimizer):
             at_low=pick(at_bounds[0]),
             at_high=pick(at_bounds[1]),
         )
+        same_step = self._stats is not None and self._stats.step == step
+        self._stats = self._stats.merged(stats) if same_step else stats
 
     def _skip(self) -> None:
         self.skipped_steps += 1

@@ -1,0 +1,263 @@
+"""DeepSpeed adapter: the only module that touches DeepSpeed internals.
+
+* Registration (:func:`register`, run by ``import ds_vrgd``): a ds_config may
+  name ``"optimizer": {"type": "VRLAMB", "params": {...}}`` (VRSGD, VRAdam,
+  VRAdamW, VRLARS, VRLAMB; case-insensitive) and plain
+  ``deepspeed.initialize`` builds it; the types count as ZeRO-supported, so
+  no ``zero_allow_untested_optimizer`` is needed.
+* Attachment (after the engine wrapped the optimizer): the VR optimizer gets a
+  :class:`~ds_vrgd.partitioned.PartitionedMoments` source and layout built
+  from the engine's flat ZeRO partitions (stages 1, 2) or the replicated
+  parameters (stage 0, fp32), the rescale the engine applies after reduction
+  (fp16 unscale, gradient clipping) is recorded for the second moment, the
+  samples are dropped after every optimizer step (applied or skipped for fp16
+  overflow), and GSNR statistics go to the engine's monitor.
+
+Patched DeepSpeed internals (0.19.8 <= version < 0.20, checked at import):
+``DeepSpeedEngine._configure_basic_optimizer``, ``._is_supported_optimizer``,
+``._configure_optimizer``, ``._take_model_step``, ``.clip_fp32_gradients``
+(per engine), ``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` (per
+instance) and the attributes ``round_robin_bit16_groups``,
+``round_robin_bit16_offsets``, ``parallel_partitioned_bit16_groups``,
+``single_partition_of_fp32_groups`` of the ZeRO 1/2 optimizer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from packaging.version import Version
+
+import deepspeed
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.zero import utils as zero_utils
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+from ds_vrgd.optim import VRAdam, VRAdamW, VRLAMB, VRLARS, VROptimizer, VRSGD
+from ds_vrgd.partitioned import REPLICATED, Layer, OwnedSlice, PartitionedMoments
+
+SUPPORTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))
+VR_OPTIMIZERS: dict[str, type[VROptimizer]] = {
+    cls.__name__.lower(): cls for cls in (VRSGD, VRAdam, VRAdamW, VRLARS, VRLAMB)
+}
+MONITOR_PREFIX = "Train/Samples/"
+
+
+def check_version(version: str = deepspeed.__version__) -> None:
+    """Raise ImportError unless DeepSpeed's version is in the supported range."""
+    low, high = SUPPORTED_DEEPSPEED
+    if not low <= Version(Version(version).base_version) < high:
+        raise ImportError(
+            f"ds_vrgd supports deepspeed>={low},<{high} (it patches engine internals); found {version}. "
+            f"Install a supported version: pip install 'deepspeed>={low},<{high}'"
+        )
+
+
+check_version()
+
+
+# ------------------------------------------------------------ construction
+def build_optimizer(name: str, model_parameters: Any, params: Optional[dict]) -> VROptimizer:
+    """The VR optimizer named in a ds_config, from its ``params`` (validated)."""
+    cls = VR_OPTIMIZERS[name.lower()]
+    params = dict(params or {})
+    auto = sorted(key for key, value in params.items() if value == "auto")
+    if auto:
+        raise ValueError(
+            f'ds_config optimizer {cls.__name__}: params {auto} are "auto", which only Hugging Face '
+            "Trainer/accelerate fill in; set numbers when calling deepspeed.initialize directly"
+        )
+    if "max_grad_norm" in params:
+        raise ValueError(
+            f'ds_config optimizer {cls.__name__}: "max_grad_norm" is not an optimizer option; '
+            'use the top-level "gradient_clipping" key'
+        )
+    return cls(model_parameters, **params)
+
+
+def _reject_unsupported(engine: DeepSpeedEngine, optimizer: VROptimizer) -> None:
+    name = type(optimizer).__name__
+    problems = []
+    if engine.zero_optimization_stage() > 2:
+        problems.append(f"zero_optimization.stage={engine.zero_optimization_stage()} (supported: 0, 1, 2)")
+    if engine.zero_cpu_offload():
+        problems.append("zero_optimization.offload_optimizer (ZeRO-Offload): remove it")
+    if engine.pipeline_parallelism:
+        problems.append("pipeline parallelism (PipelineModule): use plain data parallelism")
+    if engine.mpu is not None:
+        problems.append("model parallelism (mpu): use plain data parallelism")
+    if engine.zero_optimization_stage() == 0 and (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        problems.append("fp16/bf16 without ZeRO: set zero_optimization.stage to 1 or 2")
+    if not isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, VROptimizer)):
+        problems.append(f"optimizer wrapper {type(engine.optimizer).__name__}: use zero_optimization.stage 0-2")
+    if problems:
+        raise ValueError(f"{name} under DeepSpeed does not support: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------- layout
+def _names(engine: DeepSpeedEngine) -> dict[int, str]:
+    return {id(p): name for name, p in engine.module.named_parameters()}
+
+
+def _zero_layers(zero: DeepSpeedZeroOptimizer, names: dict[int, str]) -> list[Layer]:
+    """Layers of a ZeRO 1/2 optimizer: each parameter's slices in each rank's flat partition."""
+    layers = []
+    for group, params in enumerate(zero.round_robin_bit16_groups):
+        partitions = zero.parallel_partitioned_bit16_groups[group]
+        rank = dist.get_rank(group=zero.real_dp_process_group[group])
+        owner = zero.single_partition_of_fp32_groups[group]
+        bounds, start = [], 0
+        for partition in partitions:
+            bounds.append((start, start + partition.numel()))
+            start += partition.numel()
+        for param, offset in zip(params, zero.round_robin_bit16_offsets[group]):
+            slices = []
+            for r, (low, high) in enumerate(bounds):
+                first, last = max(low, offset), min(high, offset + param.numel())
+                if first < last:
+                    slices.append(OwnedSlice(r, first - offset, last - first, owner if r == rank else None, first - low))
+            layers.append(Layer(names.get(id(param), f"group{group}.param{len(layers)}"), param, tuple(slices)))
+    return layers
+
+
+def _replicated_layers(optimizer: VROptimizer, names: dict[int, str]) -> list[Layer]:
+    """Layers without ZeRO: every rank owns every parameter whole."""
+    return [
+        Layer(names.get(id(p), f"param_{i}"), p, (OwnedSlice(REPLICATED, 0, p.numel(), p, 0),))
+        for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])
+    ]
+
+
+def _data_parallel_group():
+    """A process group of its own over all ranks (pure data parallelism; see _reject_unsupported)."""
+    return dist.new_group(ranks=list(range(dist.get_world_size())))
+
+
+# ------------------------------------------------------------ attachment
+def _norm(tensors) -> float:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])).item()
+
+
+def _record_rescale(source: PartitionedMoments, owners_of: Callable, rescale: Callable) -> Callable:
+    """Wrap an in-place gradient rescale so that source learns the factor it applied."""
+
+    @functools.wraps(rescale)
+    def recording(*args, **kwargs):
+        owners, grads = owners_of(*args, **kwargs)
+        before = _norm(grads)
+        result = rescale(*args, **kwargs)
+        scale = _norm(grads) / before if before > 0.0 else 1.0
+        for owner in owners:
+            source.set_grad_scale(owner, scale)
+        return result
+
+    return recording
+
+
+def attach(engine: DeepSpeedEngine) -> None:
+    """Connect the engine's VR optimizer to the ZeRO partitions (see module docstring)."""
+    optimizer: VROptimizer = engine.basic_optimizer
+    _reject_unsupported(engine, optimizer)
+    names = _names(engine)
+    zero = engine.optimizer if isinstance(engine.optimizer, DeepSpeedZeroOptimizer) else None
+    layers = _zero_layers(zero, names) if zero is not None else _replicated_layers(optimizer, names)
+    bucket = int(engine.zero_reduce_bucket_size()) if zero is not None else int(5e8)
+    source = PartitionedMoments(layers, _data_parallel_group(), bucket)
+    capture = any(group["vr"] for group in optimizer.param_groups)
+    if not capture:
+        source.close()
+    optimizer.use_moments(source, layout=source)
+    optimizer.micro_batch_size = engine.train_micro_batch_size_per_gpu()
+
+    if zero is not None:
+        fp32 = zero.single_partition_of_fp32_groups
+
+        def zero_grads(grad_groups_flat, total_norm):
+            owners = [p for p in fp32 if any(p.grad is g for g in grad_groups_flat)]
+            return owners, grad_groups_flat
+
+        zero.unscale_and_clip_grads = _record_rescale(source, zero_grads, zero.unscale_and_clip_grads)
+    else:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+
+        def model_grads():
+            with_grad = [p for p in params if p.grad is not None]
+            return with_grad, [p.grad for p in with_grad]
+
+        engine.clip_fp32_gradients = _record_rescale(source, model_grads, engine.clip_fp32_gradients)
+
+    take_model_step = engine._take_model_step
+
+    @functools.wraps(take_model_step)
+    def take_model_step_then_reset(*args, **kwargs):
+        try:
+            return take_model_step(*args, **kwargs)
+        finally:
+            _monitor(engine, optimizer)
+            source.reset()
+
+    engine._take_model_step = take_model_step_then_reset
+    engine.vr_optimizer = optimizer
+
+
+def _monitor(engine: DeepSpeedEngine, optimizer: VROptimizer) -> None:
+    """Write the last step's GSNR statistics to DeepSpeed's monitor (TensorBoard/CSV/W&B)."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not monitor.enabled or not engine._step_applied:
+        return
+    stats = optimizer.gsnr_stats()
+    if stats.get("n", 0) < 2 or stats.get("step") != _optimizer_step(optimizer):
+        return
+    events = [
+        (MONITOR_PREFIX + "gsnr_mean", float(stats["gsnr_mean"]), engine.global_samples),
+        (MONITOR_PREFIX + "gsnr_frac_low", float(stats["frac_low"]), engine.global_samples),
+        (MONITOR_PREFIX + "gsnr_frac_high", float(stats["frac_high"]), engine.global_samples),
+        (MONITOR_PREFIX + "gsnr_n", float(stats["n"]), engine.global_samples),
+        (MONITOR_PREFIX + "b_simple", float(stats["b_simple"] or 0.0), engine.global_samples),
+    ]
+    monitor.write_events(events)
+
+
+def _optimizer_step(optimizer: VROptimizer) -> int:
+    steps = [int(s["step"].item()) for s in optimizer.state.values() if "step" in s]
+    return max(steps, default=0)
+
+
+# ----------------------------------------------------------- registration
+@functools.lru_cache(maxsize=None)
+def register() -> None:
+    """Teach DeepSpeed the VR optimizer names (idempotent)."""
+    configure_basic = DeepSpeedEngine._configure_basic_optimizer
+    is_supported = DeepSpeedEngine._is_supported_optimizer
+    configure = DeepSpeedEngine._configure_optimizer
+
+    @functools.wraps(configure_basic)
+    def configure_basic_optimizer(self, model_parameters):
+        name = self.optimizer_name()
+        if name is not None and name.lower() in VR_OPTIMIZERS:
+            return build_optimizer(name, model_parameters, self.optimizer_params())
+        return configure_basic(self, model_parameters)
+
+    @functools.wraps(is_supported)
+    def is_supported_optimizer(self, optimizer_name):
+        return optimizer_name.lower() in VR_OPTIMIZERS or is_supported(self, optimizer_name)
+
+    @functools.wraps(configure)
+    def configure_optimizer(self, client_optimizer, model_parameters):
+        configure(self, client_optimizer, model_parameters)
+        if isinstance(self.basic_optimizer, VROptimizer):
+            attach(self)
+
+    DeepSpeedEngine._configure_basic_optimizer = configure_basic_optimizer
+    DeepSpeedEngine._is_supported_optimizer = is_supported_optimizer
+    DeepSpeedEngine._configure_optimizer = configure_optimizer
+    zero_utils.ZERO_SUPPORTED_OPTIMIZERS.extend(VR_OPTIMIZERS.values())
+
+
+def initialize(*args, **kwargs):
+    """Drop-in for ``deepspeed.initialize`` that makes sure the VR types are registered."""
+    register()
+    return deepspeed.initialize(*args, **kwargs)

@@ -1,0 +1,530 @@
+"""BERT pretraining data: corpus -> WordPiece tokenizer -> packed sequences -> MLM masks -> Arrow shards.
+
+``python -m ds_vrgd.pretrain.data --output DIR`` writes::
+
+    DIR/tokenizer/   transformers tokenizer (AutoTokenizer.from_pretrained(DIR/tokenizer) works offline)
+    DIR/train/       datasets shards: input_ids [max_seq_len] (+ labels with static masking)
+    DIR/heldout/     datasets shards: input_ids, labels (always statically masked, see below)
+    DIR/meta.json    max_seq_len, vocab_size, special token ids, masking, counts, seed, source
+
+Choices (the reasons are the NVIDIA/Google BERT and RoBERTa recipes):
+
+- Packing: each split's documents are tokenized and concatenated into one
+  token stream, each document followed by [SEP]; the stream is cut into
+  contiguous chunks of ``max_seq_len - 2`` tokens, stored as
+  ``[CLS] chunk [SEP]``. Every sequence has exactly ``max_seq_len`` tokens, so
+  there is no padding, no attention mask and no NSP (token_type_ids all 0).
+  This is RoBERTa's FULL-SENTENCES format (which it found better than BERT's
+  NSP pairs), cut at any token like HF ``run_mlm``'s ``group_texts``. The
+  last partial chunk of each split is dropped.
+- Split: a document goes to held-out when a seeded hash of its text falls
+  below ``heldout_fraction``: deterministic, independent of corpus order, and
+  identical documents land in the same split, so the splits share no text.
+  The tokenizer is trained on the training documents only. With the same
+  seed, phase-1 (seq 128) and phase-2 (seq 512) data hold out the same text.
+- Masking (:func:`mask_tokens`): as Google's ``create_pretraining_data.py``:
+  per sequence exactly ``min(max_predictions, max(1, round(0.15 * length)))``
+  positions, drawn uniformly among the non-special tokens; 80% become [MASK],
+  10% a random non-special token, 10% stay. ``max_predictions`` defaults to
+  ``ceil(0.15 * max_seq_len)`` (20 at seq 128 as NVIDIA; 77 at seq 512 where
+  NVIDIA uses 80 - either way the cap does not bind for full sequences:
+  round(0.15 * 128) = 19, round(0.15 * 512) = 77); a smaller value caps it.
+- Static masking stores ``labels`` (-100 = not predicted) and writes
+  ``dupe_factor`` differently masked copies of the training set; dynamic
+  masking stores only ``input_ids`` and :class:`MLMCollator` masks each batch
+  (RoBERTa). The held-out split is always masked statically with the seed,
+  so evaluation losses are comparable between steps and runs.
+- Determinism: the masks of row i depend only on (seed, split, copy, i), not
+  on ``num_proc`` or batch boundaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from ds_vrgd.pretrain.corpus import Corpus, open_corpus
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+MLM_PROBABILITY = 0.15
+SPLITS = ("train", "heldout")
+FORMAT_VERSION = 1
+_ENCODE_BATCH = 256  # documents per tokenizer call (the Rust tokenizer parallelises inside a call)
+
+
+# --------------------------------------------------------------------------- masking
+
+
+@dataclass(frozen=True)
+class MaskingSpec:
+    """What :func:`mask_tokens` needs to know about the tokenizer and the MLM objective."""
+
+    vocab_size: int
+    mask_id: int
+    pad_id: int
+    special_ids: tuple[int, ...]
+    max_predictions: int
+    mlm_probability: float = MLM_PROBABILITY
+
+    @cached_property
+    def random_pool(self) -> torch.Tensor:
+        """Token ids a '10% random' replacement draws from: every non-special id, int64 [vocab_size - #special]."""
+        keep = torch.ones(self.vocab_size, dtype=torch.bool)
+        keep[list(self.special_ids)] = False
+        return keep.nonzero().squeeze(1)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> MaskingSpec:
+        """The spec recorded in a data directory's meta.json (see :func:`read_meta`)."""
+        return cls(**{**meta["masking_spec"], "special_ids": tuple(meta["masking_spec"]["special_ids"])})
+
+
+def default_max_predictions(max_seq_len: int) -> int:
+    """Default cap on masked tokens per sequence: ceil(0.15 * max_seq_len) (20 at 128, 77 at 512)."""
+    return math.ceil(MLM_PROBABILITY * max_seq_len)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT MLM corruption of a batch.
+
+    input_ids: integer tensor [B, L] (not modified). Returns ``(corrupted,
+    labels)``, both int64 [B, L]: in each row exactly ``min(max_predictions,
+    max(1, round(mlm_probability * n_tokens)))`` positions (n_tokens = non-[PAD]
+    tokens, never more than the non-special ones) are chosen uniformly among
+    the non-special tokens; ``labels`` holds their original ids and -100
+    elsewhere; ``corrupted`` has 80% of them replaced by [MASK], 10% by a random
+    non-special token, 10% unchanged. Deterministic given ``generator``'s state.
+    """
+    ids = input_ids.long()
+    special = torch.isin(ids, torch.tensor(spec.special_ids))
+    n_tokens = (ids != spec.pad_id).sum(1)
+    n_predict = (n_tokens * spec.mlm_probability).round().long().clamp(1, spec.max_predictions)
+    n_predict = torch.minimum(n_predict, (~special).sum(1))
+    scores = torch.rand(ids.shape, generator=generator).masked_fill(special, 2.0)  # specials rank last
+    chosen = scores.argsort(1).argsort(1) < n_predict.unsqueeze(1)
+    action = torch.rand(ids.shape, generator=generator)
+    pool = spec.random_pool
+    random_ids = pool[torch.randint(len(pool), ids.shape, generator=generator)]
+    corrupted = torch.where(chosen & (action < 0.8), spec.mask_id, ids)
+    corrupted = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, corrupted)
+    return corrupted, torch.where(chosen, ids, -100)
+
+
+def _stable_hash(*parts: object) -> int:
+    """A 64-bit hash of ``parts`` that is the same in every process and Python run (unlike ``hash``)."""
+    data = "\x1f".join(map(str, parts)).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _row_generator(*key: object) -> torch.Generator:
+    """A torch generator seeded from ``key`` (e.g. seed, split, copy, row index)."""
+    return torch.Generator().manual_seed(_stable_hash(*key) >> 1)  # manual_seed takes < 2**63
+
+
+class MLMCollator:
+    """Examples -> ``{"input_ids", "labels"}`` int64 [B, L] for ``BertForMaskedLM``.
+
+    Examples with ``labels`` (static masking, held-out) are stacked as they are;
+    examples without are masked with :func:`mask_tokens` (dynamic masking). The
+    generator is seeded from (seed, rank, DataLoader worker id), so ranks and
+    workers draw different masks; pass each data-parallel rank its ``rank``.
+    """
+
+    def __init__(self, spec: MaskingSpec, seed: int = 0, rank: int = 0):
+        self.spec, self.seed, self.rank = spec, seed, rank
+        self._worker_generator: tuple[int, torch.Generator] | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Collate a list of examples (dicts of [L] tensors or lists) into a batch."""
+        input_ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples]).long()
+        if "labels" in examples[0]:
+            return {"input_ids": input_ids, "labels": torch.stack([torch.as_tensor(e["labels"]) for e in examples]).long()}
+        corrupted, labels = mask_tokens(input_ids, self.spec, self._generator())
+        return {"input_ids": corrupted, "labels": labels}
+
+    def _generator(self) -> torch.Generator:
+        """This process's generator, created on first use in each DataLoader worker."""
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else -1
+        if self._worker_generator is None or self._worker_generator[0] != worker:
+            self._worker_generator = (worker, _row_generator(self.seed, "dynamic", self.rank, worker))
+        return self._worker_generator[1]
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, show_progress: bool = True):
+    """Train a lowercasing BERT WordPiece tokenizer on ``documents``; returns a ``BertTokenizerFast``.
+
+    Special tokens get ids 0-4: [PAD] [UNK] [CLS] [SEP] [MASK]. The vocabulary
+    can come out smaller than ``vocab_size`` on a small corpus.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import WordPiece
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS), show_progress=show_progress
+    )
+    tok.train_from_iterator(documents, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")],
+    )
+    return BertTokenizerFast(tokenizer_object=tok, do_lower_case=True, model_max_length=512)
+
+
+def load_tokenizer(path: str | Path):
+    """A fast tokenizer from a local directory (no network), checked to have [CLS]/[SEP]/[MASK]/[PAD]-like tokens."""
+    from transformers import AutoTokenizer
+
+    if not Path(path, "tokenizer_config.json").is_file() and not Path(path, "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"--tokenizer {str(path)!r} is not a tokenizer directory (no tokenizer_config.json or tokenizer.json); "
+            "pass a directory written by save_pretrained, e.g. DIR/tokenizer of an earlier run, or omit "
+            "--tokenizer to train one"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    missing = [n for n in ("cls_token", "sep_token", "mask_token", "pad_token") if getattr(tokenizer, n) is None]
+    if missing or not tokenizer.is_fast:
+        problem = f"has no {', '.join(missing)}" if missing else "is not a fast (tokenizers-backed) tokenizer"
+        raise ValueError(
+            f"tokenizer {str(path)!r} {problem}; BERT pretraining needs a fast WordPiece-style tokenizer with "
+            "[CLS] [SEP] [MASK] [PAD], or omit --tokenizer to train one"
+        )
+    return tokenizer
+
+
+def masking_spec(tokenizer, max_predictions: int) -> MaskingSpec:
+    """The :class:`MaskingSpec` of a transformers tokenizer."""
+    return MaskingSpec(
+        vocab_size=len(tokenizer),
+        mask_id=tokenizer.mask_token_id,
+        pad_id=tokenizer.pad_token_id,
+        special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+        max_predictions=max_predictions,
+    )
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def is_heldout(text: str, heldout_fraction: float, seed: int) -> bool:
+    """Whether a document belongs to the held-out split (seeded hash of its text < fraction)."""
+    return _stable_hash(seed, "heldout", text) < heldout_fraction * 2**64
+
+
+def split_documents(corpus: Iterable[str], split: str, heldout_fraction: float, seed: int) -> Iterator[str]:
+    """The documents of ``corpus`` that belong to ``split`` ("train" or "heldout")."""
+    want_heldout = split == "heldout"
+    return (doc for doc in corpus if is_heldout(doc, heldout_fraction, seed) == want_heldout)
+
+
+def pack_sequences(
+    documents: Iterable[str], tokenizer, max_seq_len: int, stats: dict | None = None
+) -> Iterator[dict[str, list[int]]]:
+    """Tokenize and pack documents into ``{"input_ids": [CLS] + chunk + [SEP]}``, each exactly max_seq_len long.
+
+    Documents are joined into one stream with [SEP] after each, and cut into
+    chunks of ``max_seq_len - 2``; the final partial chunk is dropped.
+    ``stats`` (optional) receives documents, tokens, sequences and dropped_tokens.
+    """
+    from tqdm.auto import tqdm
+
+    cls_id, sep_id, body = tokenizer.cls_token_id, tokenizer.sep_token_id, max_seq_len - 2
+    stats = {} if stats is None else stats
+    stats.update(documents=0, tokens=0, sequences=0)
+    stream: list[int] = []
+    documents = iter(documents)
+    with tqdm(desc="tokenize + pack", unit=" doc", mininterval=1.0) as bar:
+        while batch := list(islice(documents, _ENCODE_BATCH)):
+            for encoding in tokenizer.backend_tokenizer.encode_batch(batch, add_special_tokens=False):
+                stream += encoding.ids
+                stream.append(sep_id)
+                stats["tokens"] += len(encoding.ids) + 1
+            full = len(stream) - len(stream) % body
+            for start in range(0, full, body):
+                yield {"input_ids": [cls_id, *stream[start : start + body], sep_id]}
+            stats["sequences"] += full // body
+            stats["documents"] += len(batch)
+            del stream[:full]
+            bar.update(len(batch))
+    stats["dropped_tokens"] = len(stream)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _features(with_labels: bool):
+    """Arrow schema of a split: int32 token ids (torch format turns them into int64)."""
+    from datasets import Features, Sequence, Value
+
+    columns = {"input_ids": Sequence(Value("int32"))}
+    if with_labels:
+        columns["labels"] = Sequence(Value("int32"))
+    return Features(columns)
+
+
+def _packed_dataset(corpus: Corpus, split: str, tokenizer, max_seq_len: int, heldout_fraction: float, seed: int, cache_dir: str, stats: dict):
+    """The unmasked packed sequences of one split as a ``datasets.Dataset`` (Arrow files in ``cache_dir``).
+
+    ``stats`` receives the counts of :func:`pack_sequences`. Raises ValueError
+    naming the fix when the split gets no full sequence.
+    """
+    from datasets import Dataset
+
+    if split == "heldout" and heldout_fraction == 0:
+        stats.update(documents=0, tokens=0, sequences=0, dropped_tokens=0)
+        return Dataset.from_dict({"input_ids": []}, features=_features(False))
+    documents = split_documents(corpus, split, heldout_fraction, seed)
+    try:
+        return Dataset.from_generator(
+            pack_sequences,
+            features=_features(False),
+            gen_kwargs={"documents": documents, "tokenizer": tokenizer, "max_seq_len": max_seq_len, "stats": stats},
+            cache_dir=cache_dir,
+            fingerprint=f"{split}-{_stable_hash(cache_dir, split)}",  # a fresh cache dir: nothing to reuse
+        )
+    except ValueError:  # datasets refuses an empty generator ("corresponds to no data")
+        if stats.get("sequences", 1):
+            raise
+        raise ValueError(
+            f"the {split} split has no full sequence: {stats['tokens']} tokens from {stats['documents']} "
+            f"documents < max_seq_len - 2 = {max_seq_len - 2}; add text or lower --max-seq-len"
+            + (", or raise --heldout-fraction (0 disables the held-out split)" if split == "heldout" else "")
+        ) from None
+
+
+def _mask_rows(batch: dict, indices: list[int], spec: MaskingSpec, key: tuple) -> dict:
+    """``datasets.map`` function: static masks for a batch, row i seeded by (*key, i)."""
+    ids = torch.tensor(batch["input_ids"])
+    rows = [mask_tokens(ids[j : j + 1], spec, _row_generator(*key, i)) for j, i in enumerate(indices)]
+    return {"input_ids": torch.cat([r[0] for r in rows]).tolist(), "labels": torch.cat([r[1] for r in rows]).tolist()}
+
+
+def _static_masked(dataset, spec: MaskingSpec, split: str, copies: int, seed: int, num_proc: int):
+    """``copies`` statically masked versions of ``dataset``, concatenated (adds ``labels``)."""
+    from datasets import concatenate_datasets
+
+    masked = [
+        dataset.map(
+            _mask_rows,
+            batched=True,
+            with_indices=True,
+            fn_kwargs={"spec": spec, "key": (seed, split, copy)},
+            features=_features(True),
+            num_proc=num_proc if num_proc > 1 and len(dataset) > 1 else None,
+            desc=f"mask {split} (copy {copy + 1}/{copies})",
+        )
+        for copy in range(copies)
+    ]
+    return concatenate_datasets(masked)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def check_prepare_args(
+    output: str | Path,
+    vocab_size: int = 8192,
+    max_seq_len: int = 128,
+    heldout_fraction: float = 0.02,
+    masking: str = "static",
+    dupe_factor: int = 1,
+    max_predictions: int | None = None,
+    num_proc: int = 1,
+    overwrite: bool = False,
+) -> None:
+    """Raise ValueError naming the option and the fix for any invalid data-preparation argument."""
+    problems = []
+    if max_seq_len < 3:
+        problems.append(f"--max-seq-len {max_seq_len} leaves no room for text between [CLS] and [SEP]; use >= 3 (BERT: 128, 512)")
+    if vocab_size < 100:
+        problems.append(f"--vocab-size {vocab_size} is too small; use >= 100 (BERT: 30522, default 8192)")
+    if not 0 <= heldout_fraction < 1:
+        problems.append(f"--heldout-fraction {heldout_fraction} must be in [0, 1), e.g. 0.02")
+    if masking not in ("static", "dynamic"):
+        problems.append(f"--masking {masking!r} must be 'static' or 'dynamic'")
+    if dupe_factor < 1 or (masking == "dynamic" and dupe_factor != 1):
+        problems.append(f"--dupe-factor {dupe_factor} must be >= 1, and 1 with --masking dynamic (which remasks every epoch)")
+    if max_predictions is not None and max_predictions < 1:
+        problems.append(f"--max-predictions {max_predictions} must be >= 1 (default ceil(0.15 * max_seq_len))")
+    if num_proc < 1:
+        problems.append(f"--num-proc {num_proc} must be >= 1")
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        problems.append(f"--output {str(output)!r} is a file; pass a directory")
+    elif output.is_dir() and any(output.iterdir()) and not overwrite:
+        problems.append(f"--output {str(output)!r} is not empty; pass --overwrite to replace its data or choose a new directory")
+    if problems:
+        raise ValueError("invalid data preparation arguments:\n  " + "\n  ".join(problems))
+
+
+def prepare_pretraining_data(
+    output: str | Path,
+    corpus: Corpus,
+    tokenizer: str | Path | None = None,
+    vocab_size: int = 8192,
+    max_seq_len: int = 128,
+    heldout_fraction: float = 0.02,
+    masking: str = "static",
+    dupe_factor: int = 1,
+    max_predictions: int | None = None,
+    seed: int = 0,
+    num_proc: int = 1,
+    overwrite: bool = False,
+) -> dict:
+    """Write DIR/{tokenizer,train,heldout,meta.json} from ``corpus`` (see the module docstring); returns meta.
+
+    ``tokenizer``: an existing tokenizer directory, or None to train a WordPiece
+    vocabulary of ``vocab_size`` on the training documents.
+    """
+    check_prepare_args(output, vocab_size, max_seq_len, heldout_fraction, masking, dupe_factor, max_predictions, num_proc, overwrite)
+    output = Path(output)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    max_predictions = max_predictions or default_max_predictions(max_seq_len)
+    if tok is None:
+        tok = train_tokenizer(split_documents(corpus, "train", heldout_fraction, seed), vocab_size)
+    spec = masking_spec(tok, max_predictions)
+    output.mkdir(parents=True, exist_ok=True)
+    cache_dir = tempfile.mkdtemp(prefix=".cache-", dir=output)
+    try:
+        stats = {split: {} for split in SPLITS}
+        packed = {
+            split: _packed_dataset(corpus, split, tok, max_seq_len, heldout_fraction, seed, cache_dir, stats[split])
+            for split in SPLITS
+        }
+        final = {
+            "train": packed["train"] if masking == "dynamic" else _static_masked(packed["train"], spec, "train", dupe_factor, seed, num_proc),
+            "heldout": _static_masked(packed["heldout"], spec, "heldout", 1, seed, num_proc),
+        }
+        for name in (*SPLITS, "tokenizer", "meta.json"):
+            _remove(output / name)
+        tok.save_pretrained(output / "tokenizer")
+        for split, dataset in final.items():
+            dataset.save_to_disk(str(output / split), num_proc=num_proc if len(dataset) > num_proc > 1 else None)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "max_seq_len": max_seq_len,
+        "vocab_size": spec.vocab_size,
+        "masking": masking,
+        "dupe_factor": dupe_factor,
+        "seed": seed,
+        "heldout_fraction": heldout_fraction,
+        "packing": "full-sentences: [CLS] + contiguous chunk of the [SEP]-joined document stream + [SEP]",
+        "masking_spec": asdict(spec),
+        "counts": {split: {**stats[split], "rows": len(final[split])} for split in SPLITS},
+        "source": corpus.description,
+        "tokenizer": str(tokenizer) if tokenizer is not None else f"WordPiece trained on the train split (requested vocab {vocab_size})",
+    }
+    (output / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or directory tree if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """meta.json of a prepared data directory; FileNotFoundError naming the fix if there is none."""
+    path = Path(data_dir, "meta.json")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(data_dir)!r} is not a prepared pretraining data directory (no meta.json); create it with "
+            f"`python -m ds_vrgd.pretrain.data --output {data_dir}`"
+        )
+    return json.loads(path.read_text())
+
+
+def load_pretraining_data(data_dir: str | Path, split: str = "train"):
+    """A split of a prepared data directory, memory-mapped, in torch format.
+
+    Rows are ``{"input_ids": int64 [max_seq_len]}`` plus ``"labels"`` (int64
+    [max_seq_len], -100 = not predicted) when statically masked; batch them
+    with :class:`MLMCollator` (``MaskingSpec.from_meta(read_meta(data_dir))``).
+    """
+    from datasets import load_from_disk
+
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} does not exist; use one of {list(SPLITS)}")
+    read_meta(data_dir)
+    return load_from_disk(str(Path(data_dir, split))).with_format("torch")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ds_vrgd.pretrain.data",
+        description="Prepare BERT MLM pretraining data (tokenizer, packed masked sequences) without network access.",
+    )
+    p.add_argument("--output", required=True, help="directory to write tokenizer/, train/, heldout/, meta.json")
+    src = p.add_argument_group("corpus (default: Python stdlib docstrings, no download)")
+    src.add_argument("--corpus", nargs="+", action="extend", default=[], metavar="PATH_OR_GLOB", help="UTF-8 text files")
+    src.add_argument("--doc-per-line", action="store_true", help="one document per line (default: blank-line separated)")
+    src.add_argument("--hf-dataset", metavar="NAME_OR_PATH", help="save_to_disk dir, dir of data files, or locally cached name")
+    src.add_argument("--text-column", default="text", help="text column of --hf-dataset (default: text)")
+    src.add_argument("--hf-split", default="train", help="split of --hf-dataset (default: train)")
+    src.add_argument("--max-bytes", type=int, help="use only the first N bytes of the default corpus")
+    p.add_argument("--tokenizer", metavar="DIR", help="existing tokenizer dir (default: train WordPiece)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--heldout-fraction", type=float, default=0.02)
+    p.add_argument("--masking", choices=["static", "dynamic"], default="static")
+    p.add_argument("--dupe-factor", type=int, default=1, help="masked copies of the train split (static masking)")
+    p.add_argument("--max-predictions", type=int, help="cap on masked tokens per sequence (default ceil(0.15 * max_seq_len))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-proc", type=int, default=1, help="processes for masking and saving")
+    p.add_argument("--overwrite", action="store_true", help="replace the data in a non-empty --output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: validate, open the corpus, prepare, print meta.json."""
+    a = _parser().parse_args(argv)
+    try:
+        check_prepare_args(a.output, a.vocab_size, a.max_seq_len, a.heldout_fraction, a.masking, a.dupe_factor, a.max_predictions, a.num_proc, a.overwrite)
+        corpus = open_corpus(a.corpus, a.hf_dataset, a.text_column, a.hf_split, a.doc_per_line, a.max_bytes)
+        meta = prepare_pretraining_data(
+            a.output, corpus, a.tokenizer, a.vocab_size, a.max_seq_len, a.heldout_fraction, a.masking,
+            a.dupe_factor, a.max_predictions, a.seed, a.num_proc, a.overwrite,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""BERT masked-LM models from size presets, randomly initialised (nothing is loaded from a hub).
+
+Presets (layers, hidden, heads, feed-forward), after Turc et al. 2019
+("Well-Read Students Learn Better", the BERT-Tiny...-Medium family) and
+Devlin et al. 2018 (base, large):
+
+    tiny   2 x 128,  2 heads,  512     small  4 x 512,  8 heads, 2048
+    mini   4 x 256,  4 heads, 1024     medium 8 x 512,  8 heads, 2048
+    base  12 x 768, 12 heads, 3072     large 24 x 1024, 16 heads, 4096
+
+All other settings are the ``transformers.BertConfig`` defaults (GELU,
+dropout 0.1, 2 token types, init std 0.02); the MLM decoder is tied to the
+word embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PRESETS: dict[str, dict[str, int]] = {
+    name: dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=ff)
+    for name, (layers, hidden, heads, ff) in {
+        "tiny": (2, 128, 2, 512),
+        "mini": (4, 256, 4, 1024),
+        "small": (4, 512, 8, 2048),
+        "medium": (8, 512, 8, 2048),
+        "base": (12, 768, 12, 3072),
+        "large": (24, 1024, 16, 4096),
+    }.items()
+}
+
+
+def check_seq_len(max_seq_len: int, max_position_embeddings: int) -> None:
+    """Raise ValueError if sequences of ``max_seq_len`` do not fit the position embeddings."""
+    if max_seq_len > max_position_embeddings:
+        raise ValueError(
+            f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings {max_position_embeddings}; "
+            f"use max_position_embeddings >= {max_seq_len} or shorter sequences"
+        )
+
+
+def bert_config(preset: str, vocab_size: int, max_position_embeddings: int = 512, max_seq_len: int | None = None):
+    """The ``transformers.BertConfig`` of a preset.
+
+    ``vocab_size``: the tokenizer's (``len(tokenizer)`` or meta.json
+    ``vocab_size``). ``max_seq_len`` (optional) is checked against
+    ``max_position_embeddings``. Raises ValueError for an unknown preset.
+    """
+    from transformers import BertConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown BERT preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size {vocab_size} must be >= 1; pass the tokenizer's len(tokenizer)")
+    if max_seq_len is not None:
+        check_seq_len(max_seq_len, max_position_embeddings)
+    return BertConfig(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, **PRESETS[preset])
+
+
+def build_bert_mlm(
+    preset: str, vocab_size: int, seed: int = 0, max_position_embeddings: int = 512, max_seq_len: int | None = None
+):
+    """A randomly initialised ``transformers.BertForMaskedLM`` of a preset (see :func:`bert_config`).
+
+    The weights depend only on ``seed``; the global torch RNG is left untouched.
+    """
+    from transformers import BertForMaskedLM
+
+    config = bert_config(preset, vocab_size, max_position_embeddings, max_seq_len)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BertForMaskedLM(config)
