@@ -86,6 +86,7 @@ class PartitionedMoments:
         self._micro_steps = 0
         self._in_backward = False
         self._grad_scale: dict[int, float] = {}
+        self.comm = {"collectives": 0, "elements": 0}
         self._handles = [layer.param.register_hook(self._hook(i)) for i, layer in enumerate(layers)
                          if layer.param.requires_grad]
 
@@ -138,6 +139,8 @@ class PartitionedMoments:
                 dist.all_reduce(flat, group=self.group)
             else:
                 dist.reduce(flat, dst=dist.get_global_rank(self.group, rank), group=self.group)
+            self.comm["collectives"] += 1
+            self.comm["elements"] += flat.numel()
             if rank in (REPLICATED, self.rank):
                 self._accumulate(flat, [piece for _, piece in chunks])
 
@@ -147,6 +150,10 @@ class PartitionedMoments:
             sq = self._sq[id(piece.owner)].view(-1).narrow(0, piece.owner_offset, piece.numel)
             sq.add_(flat.narrow(0, start, piece.numel))
             start += piece.numel
+
+    def buffer_numel(self) -> dict:
+        """Extra fp32 elements held: the Q buffers and the reduction bucket."""
+        return {"sq": sum(sq.numel() for sq in self._sq.values()), "bucket": self._bucket.numel()}
 
     # -------------------------------------------------- MomentSource protocol
     def num_samples(self) -> int:

@@ -48,7 +48,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from itertools import islice
 from pathlib import Path
@@ -152,7 +152,8 @@ class MLMCollator:
         """Collate a list of examples (dicts of [L] tensors or lists) into a batch."""
         input_ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples]).long()
         if "labels" in examples[0]:
-            return {"input_ids": input_ids, "labels": torch.stack([torch.as_tensor(e["labels"]) for e in examples]).long()}
+            labels = torch.stack([torch.as_tensor(e["labels"]) for e in examples]).long()
+            return {"input_ids": input_ids, "labels": labels}
         corrupted, labels = mask_tokens(input_ids, self.spec, self._generator())
         return {"input_ids": corrupted, "labels": labels}
 
@@ -272,6 +273,59 @@ def pack_sequences(
     stats["dropped_tokens"] = len(stream)
 
 
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Options of :func:`prepare_pretraining_data`; the CLI flags of the same names.
+
+    ``tokenizer``: an existing tokenizer directory, or None to train a WordPiece
+    vocabulary of ``vocab_size`` on the training documents.
+    ``max_predictions``: None gives :func:`default_max_predictions`.
+    ``num_proc``: processes for masking and saving.
+    """
+
+    tokenizer: str | None = None
+    vocab_size: int = 8192
+    max_seq_len: int = 128
+    heldout_fraction: float = 0.02
+    masking: str = "static"
+    dupe_factor: int = 1
+    max_predictions: int | None = None
+    seed: int = 0
+    num_proc: int = 1
+
+    def check(self) -> None:
+        """Raise ValueError naming every invalid option and its fix."""
+        checks = [
+            (self.max_seq_len >= 3, f"--max-seq-len {self.max_seq_len} leaves no room for text between [CLS] and "
+             "[SEP]; use >= 3 (BERT: 128, then 512)"),
+            (self.vocab_size >= 100, f"--vocab-size {self.vocab_size} is too small; use >= 100 (BERT: 30522)"),
+            (0 <= self.heldout_fraction < 1, f"--heldout-fraction {self.heldout_fraction} must be in [0, 1)"),
+            (self.masking in ("static", "dynamic"), f"--masking {self.masking!r} must be 'static' or 'dynamic'"),
+            (self.dupe_factor >= 1 and (self.masking == "static" or self.dupe_factor == 1),
+             f"--dupe-factor {self.dupe_factor} must be >= 1, and 1 with --masking dynamic (it remasks every batch)"),
+            (self.max_predictions is None or self.max_predictions >= 1,
+             f"--max-predictions {self.max_predictions} must be >= 1 (default ceil(0.15 * max_seq_len))"),
+            (self.num_proc >= 1, f"--num-proc {self.num_proc} must be >= 1"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("invalid data preparation options:\n  " + "\n  ".join(problems))
+
+
+def check_output(output: str | Path, overwrite: bool = False) -> None:
+    """Raise ValueError naming the fix if ``output`` is a file, or a non-empty directory without ``overwrite``."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a file; pass a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--output {str(output)!r} is not empty; pass --overwrite to replace its data or choose a new directory"
+        )
+
+
 # --------------------------------------------------------------------------- datasets
 
 
@@ -285,7 +339,7 @@ def _features(with_labels: bool):
     return Features(columns)
 
 
-def _packed_dataset(corpus: Corpus, split: str, tokenizer, max_seq_len: int, heldout_fraction: float, seed: int, cache_dir: str, stats: dict):
+def _packed_dataset(corpus: Corpus, split: str, tokenizer, options: PrepareOptions, cache_dir: str, stats: dict):
     """The unmasked packed sequences of one split as a ``datasets.Dataset`` (Arrow files in ``cache_dir``).
 
     ``stats`` receives the counts of :func:`pack_sequences`. Raises ValueError
@@ -293,15 +347,16 @@ def _packed_dataset(corpus: Corpus, split: str, tokenizer, max_seq_len: int, hel
     """
     from datasets import Dataset
 
-    if split == "heldout" and heldout_fraction == 0:
+    if split == "heldout" and options.heldout_fraction == 0:
         stats.update(documents=0, tokens=0, sequences=0, dropped_tokens=0)
         return Dataset.from_dict({"input_ids": []}, features=_features(False))
-    documents = split_documents(corpus, split, heldout_fraction, seed)
+    documents = split_documents(corpus, split, options.heldout_fraction, options.seed)
+    gen_kwargs = {"documents": documents, "tokenizer": tokenizer, "max_seq_len": options.max_seq_len, "stats": stats}
     try:
         return Dataset.from_generator(
             pack_sequences,
             features=_features(False),
-            gen_kwargs={"documents": documents, "tokenizer": tokenizer, "max_seq_len": max_seq_len, "stats": stats},
+            gen_kwargs=gen_kwargs,
             cache_dir=cache_dir,
             fingerprint=f"{split}-{_stable_hash(cache_dir, split)}",  # a fresh cache dir: nothing to reuse
         )
@@ -310,7 +365,7 @@ def _packed_dataset(corpus: Corpus, split: str, tokenizer, max_seq_len: int, hel
             raise
         raise ValueError(
             f"the {split} split has no full sequence: {stats['tokens']} tokens from {stats['documents']} "
-            f"documents < max_seq_len - 2 = {max_seq_len - 2}; add text or lower --max-seq-len"
+            f"documents < max_seq_len - 2 = {options.max_seq_len - 2}; add text or lower --max-seq-len"
             + (", or raise --heldout-fraction (0 disables the held-out split)" if split == "heldout" else "")
         ) from None
 
@@ -320,6 +375,11 @@ def _mask_rows(batch: dict, indices: list[int], spec: MaskingSpec, key: tuple) -
     ids = torch.tensor(batch["input_ids"])
     rows = [mask_tokens(ids[j : j + 1], spec, _row_generator(*key, i)) for j, i in enumerate(indices)]
     return {"input_ids": torch.cat([r[0] for r in rows]).tolist(), "labels": torch.cat([r[1] for r in rows]).tolist()}
+
+
+def _num_proc(rows: int, num_proc: int) -> int | None:
+    """``num_proc`` for a ``datasets`` call: None (in-process) unless several processes get rows."""
+    return num_proc if rows > num_proc > 1 else None
 
 
 def _static_masked(dataset, spec: MaskingSpec, split: str, copies: int, seed: int, num_proc: int):
@@ -333,7 +393,7 @@ def _static_masked(dataset, spec: MaskingSpec, split: str, copies: int, seed: in
             with_indices=True,
             fn_kwargs={"spec": spec, "key": (seed, split, copy)},
             features=_features(True),
-            num_proc=num_proc if num_proc > 1 and len(dataset) > 1 else None,
+            num_proc=_num_proc(len(dataset), num_proc),
             desc=f"mask {split} (copy {copy + 1}/{copies})",
         )
         for copy in range(copies)
@@ -344,100 +404,49 @@ def _static_masked(dataset, spec: MaskingSpec, split: str, copies: int, seed: in
 # --------------------------------------------------------------------------- prepare
 
 
-def check_prepare_args(
-    output: str | Path,
-    vocab_size: int = 8192,
-    max_seq_len: int = 128,
-    heldout_fraction: float = 0.02,
-    masking: str = "static",
-    dupe_factor: int = 1,
-    max_predictions: int | None = None,
-    num_proc: int = 1,
-    overwrite: bool = False,
-) -> None:
-    """Raise ValueError naming the option and the fix for any invalid data-preparation argument."""
-    problems = []
-    if max_seq_len < 3:
-        problems.append(f"--max-seq-len {max_seq_len} leaves no room for text between [CLS] and [SEP]; use >= 3 (BERT: 128, 512)")
-    if vocab_size < 100:
-        problems.append(f"--vocab-size {vocab_size} is too small; use >= 100 (BERT: 30522, default 8192)")
-    if not 0 <= heldout_fraction < 1:
-        problems.append(f"--heldout-fraction {heldout_fraction} must be in [0, 1), e.g. 0.02")
-    if masking not in ("static", "dynamic"):
-        problems.append(f"--masking {masking!r} must be 'static' or 'dynamic'")
-    if dupe_factor < 1 or (masking == "dynamic" and dupe_factor != 1):
-        problems.append(f"--dupe-factor {dupe_factor} must be >= 1, and 1 with --masking dynamic (which remasks every epoch)")
-    if max_predictions is not None and max_predictions < 1:
-        problems.append(f"--max-predictions {max_predictions} must be >= 1 (default ceil(0.15 * max_seq_len))")
-    if num_proc < 1:
-        problems.append(f"--num-proc {num_proc} must be >= 1")
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        problems.append(f"--output {str(output)!r} is a file; pass a directory")
-    elif output.is_dir() and any(output.iterdir()) and not overwrite:
-        problems.append(f"--output {str(output)!r} is not empty; pass --overwrite to replace its data or choose a new directory")
-    if problems:
-        raise ValueError("invalid data preparation arguments:\n  " + "\n  ".join(problems))
-
-
 def prepare_pretraining_data(
-    output: str | Path,
-    corpus: Corpus,
-    tokenizer: str | Path | None = None,
-    vocab_size: int = 8192,
-    max_seq_len: int = 128,
-    heldout_fraction: float = 0.02,
-    masking: str = "static",
-    dupe_factor: int = 1,
-    max_predictions: int | None = None,
-    seed: int = 0,
-    num_proc: int = 1,
-    overwrite: bool = False,
+    output: str | Path, corpus: Corpus, options: PrepareOptions = PrepareOptions(), overwrite: bool = False
 ) -> dict:
     """Write DIR/{tokenizer,train,heldout,meta.json} from ``corpus`` (see the module docstring); returns meta.
 
-    ``tokenizer``: an existing tokenizer directory, or None to train a WordPiece
-    vocabulary of ``vocab_size`` on the training documents.
+    Options and output are checked first, then the tokenizer is loaded or
+    trained, the splits packed, masked and saved.
     """
-    check_prepare_args(output, vocab_size, max_seq_len, heldout_fraction, masking, dupe_factor, max_predictions, num_proc, overwrite)
+    options.check()
+    check_output(output, overwrite)
     output = Path(output)
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    max_predictions = max_predictions or default_max_predictions(max_seq_len)
-    if tok is None:
-        tok = train_tokenizer(split_documents(corpus, "train", heldout_fraction, seed), vocab_size)
-    spec = masking_spec(tok, max_predictions)
+    if options.tokenizer is not None:
+        tok = load_tokenizer(options.tokenizer)
+    else:
+        train_docs = split_documents(corpus, "train", options.heldout_fraction, options.seed)
+        tok = train_tokenizer(train_docs, options.vocab_size)
+    spec = masking_spec(tok, options.max_predictions or default_max_predictions(options.max_seq_len))
     output.mkdir(parents=True, exist_ok=True)
     cache_dir = tempfile.mkdtemp(prefix=".cache-", dir=output)
     try:
         stats = {split: {} for split in SPLITS}
-        packed = {
-            split: _packed_dataset(corpus, split, tok, max_seq_len, heldout_fraction, seed, cache_dir, stats[split])
-            for split in SPLITS
-        }
-        final = {
-            "train": packed["train"] if masking == "dynamic" else _static_masked(packed["train"], spec, "train", dupe_factor, seed, num_proc),
-            "heldout": _static_masked(packed["heldout"], spec, "heldout", 1, seed, num_proc),
-        }
+        packed = {split: _packed_dataset(corpus, split, tok, options, cache_dir, stats[split]) for split in SPLITS}
+        final = {"heldout": _static_masked(packed["heldout"], spec, "heldout", 1, options.seed, options.num_proc)}
+        final["train"] = packed["train"] if options.masking == "dynamic" else _static_masked(
+            packed["train"], spec, "train", options.dupe_factor, options.seed, options.num_proc
+        )
         for name in (*SPLITS, "tokenizer", "meta.json"):
             _remove(output / name)
         tok.save_pretrained(output / "tokenizer")
         for split, dataset in final.items():
-            dataset.save_to_disk(str(output / split), num_proc=num_proc if len(dataset) > num_proc > 1 else None)
+            dataset.save_to_disk(str(output / split), num_proc=_num_proc(len(dataset), options.num_proc))
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     meta = {
         "format_version": FORMAT_VERSION,
-        "max_seq_len": max_seq_len,
+        "max_seq_len": options.max_seq_len,
         "vocab_size": spec.vocab_size,
-        "masking": masking,
-        "dupe_factor": dupe_factor,
-        "seed": seed,
-        "heldout_fraction": heldout_fraction,
+        "masking": options.masking,
         "packing": "full-sentences: [CLS] + contiguous chunk of the [SEP]-joined document stream + [SEP]",
+        "options": asdict(options),
         "masking_spec": asdict(spec),
-        "counts": {split: {**stats[split], "rows": len(final[split])} for split in SPLITS},
+        "counts": {split: {**stats[split], "rows": len(final[split])} for split in SPLITS},  # rows: with dupes
         "source": corpus.description,
-        "tokenizer": str(tokenizer) if tokenizer is not None else f"WordPiece trained on the train split (requested vocab {vocab_size})",
     }
     (output / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -490,9 +499,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, help="directory to write tokenizer/, train/, heldout/, meta.json")
     src = p.add_argument_group("corpus (default: Python stdlib docstrings, no download)")
-    src.add_argument("--corpus", nargs="+", action="extend", default=[], metavar="PATH_OR_GLOB", help="UTF-8 text files")
-    src.add_argument("--doc-per-line", action="store_true", help="one document per line (default: blank-line separated)")
-    src.add_argument("--hf-dataset", metavar="NAME_OR_PATH", help="save_to_disk dir, dir of data files, or locally cached name")
+    src.add_argument("--corpus", nargs="+", action="extend", default=[], metavar="PATH_OR_GLOB", help="UTF-8 files")
+    src.add_argument("--doc-per-line", action="store_true", help="one document per line (default: blank lines)")
+    src.add_argument("--hf-dataset", metavar="NAME_OR_PATH", help="save_to_disk dir, data-file dir, or cached name")
     src.add_argument("--text-column", default="text", help="text column of --hf-dataset (default: text)")
     src.add_argument("--hf-split", default="train", help="split of --hf-dataset (default: train)")
     src.add_argument("--max-bytes", type=int, help="use only the first N bytes of the default corpus")
@@ -502,7 +511,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-fraction", type=float, default=0.02)
     p.add_argument("--masking", choices=["static", "dynamic"], default="static")
     p.add_argument("--dupe-factor", type=int, default=1, help="masked copies of the train split (static masking)")
-    p.add_argument("--max-predictions", type=int, help="cap on masked tokens per sequence (default ceil(0.15 * max_seq_len))")
+    p.add_argument("--max-predictions", type=int, help="cap on masked tokens per sequence (default ceil(0.15 * seq))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-proc", type=int, default=1, help="processes for masking and saving")
     p.add_argument("--overwrite", action="store_true", help="replace the data in a non-empty --output")
@@ -510,15 +519,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: validate, open the corpus, prepare, print meta.json."""
-    a = _parser().parse_args(argv)
+    """CLI entry point: check the options, open the corpus, prepare, print meta.json. Returns the exit code."""
+    args = vars(_parser().parse_args(argv))
     try:
-        check_prepare_args(a.output, a.vocab_size, a.max_seq_len, a.heldout_fraction, a.masking, a.dupe_factor, a.max_predictions, a.num_proc, a.overwrite)
-        corpus = open_corpus(a.corpus, a.hf_dataset, a.text_column, a.hf_split, a.doc_per_line, a.max_bytes)
-        meta = prepare_pretraining_data(
-            a.output, corpus, a.tokenizer, a.vocab_size, a.max_seq_len, a.heldout_fraction, a.masking,
-            a.dupe_factor, a.max_predictions, a.seed, a.num_proc, a.overwrite,
-        )
+        options = PrepareOptions(**{f.name: args[f.name] for f in fields(PrepareOptions)})
+        options.check()  # before opening the corpus, which can take long for a large dataset
+        check_output(args["output"], args["overwrite"])
+        corpus = open_corpus(args["corpus"], args["hf_dataset"], args["text_column"], args["hf_split"],
+                             args["doc_per_line"], args["max_bytes"])
+        meta = prepare_pretraining_data(args["output"], corpus, options, args["overwrite"])
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,167 @@
+"""Real multi-process DeepSpeed runs on CPU (gloo) and their single-process references.
+
+A *case* is a dict: optimizer type, ZeRO stage, gradient accumulation,
+precision, clipping, bucket size, steps. :func:`run_cases` spawns ``world``
+ranks once, and each rank trains every case with a fresh engine; rank 0
+returns the final parameters, GSNR statistics and communication counters.
+:func:`reference` trains the same model single-process with the plain VR
+optimizer, one ``backward()`` per (rank, micro-batch) sample, which is the
+definition the distributed run must reproduce.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import torch
+import torch.multiprocessing as mp
+
+MICRO_BATCH = 4
+LR = 0.01
+OPTIMIZER_PARAMS = {"lr": LR, "gamma": 0.5}
+
+
+def make_model() -> torch.nn.Module:
+    """Odd sizes (layers split across partitions), 2-D weights, 1-D biases, LayerNorm."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 1)
+    )
+
+
+def micro_batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deterministic micro-batch of (step, rank, micro-step)."""
+    generator = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+    return torch.randn(MICRO_BATCH, 7, generator=generator), torch.randn(MICRO_BATCH, 1, generator=generator)
+
+
+def loss_of(model, x, y) -> torch.Tensor:
+    return ((model(x) - y) ** 2).mean()
+
+
+def ds_config(case: dict) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": case.get("gas", 1),
+        "optimizer": {"type": case["optimizer"], "params": dict(OPTIMIZER_PARAMS, **case.get("params", {}))},
+        "zero_optimization": {
+            "stage": case.get("stage", 2),
+            "reduce_bucket_size": case.get("bucket", 50),
+            "allgather_bucket_size": case.get("bucket", 50),
+        },
+        "gradient_clipping": case.get("clip", 1.0),
+        "steps_per_print": 10**9,
+    }
+    precision = case.get("precision", "fp32")
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    if precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": case.get("scale_power", 8), "loss_scale_window": 2,
+                          "hysteresis": 1}
+    return config
+
+
+def train_engine(engine, case: dict, rank: int, first_step: int = 0) -> list[int]:
+    """Train; return the steps the engine applied (fp16 overflow steps are skipped)."""
+    dtype = next(engine.module.parameters()).dtype
+    applied = []
+    for step in range(first_step, first_step + case.get("steps", 3)):
+        for micro in range(case.get("gas", 1)):
+            x, y = micro_batch(step, rank, micro)
+            loss = loss_of(engine, x.to(dtype), y.to(dtype)).float()
+            engine.backward(loss)
+            engine.step()
+        if engine._step_applied:
+            applied.append(step)
+    return applied
+
+
+def _result(engine, applied: list[int]) -> dict:
+    optimizer = engine.vr_optimizer
+    source = optimizer._moments
+    return {
+        "applied": applied,
+        "params": {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()},
+        "stats": optimizer.gsnr_stats(),
+        "comm": dict(source.comm),
+        "buffers": source.buffer_numel(),
+        "partition_numel": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+        "skipped": engine.skipped_steps,
+        "steps": max((int(s["step"].item()) for s in optimizer.state.values() if "step" in s), default=0),
+    }
+
+
+def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str, fp16_on_cpu: bool) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
+    )
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    import ds_vrgd
+
+    if fp16_on_cpu:
+        # DeepSpeed's CPU accelerator refuses fp16 although torch computes it on CPU;
+        # allow it so the loss-scale path (unscale, overflow skip) runs for real here.
+        get_accelerator().is_fp16_supported = lambda: True
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = []
+    for case in cases:
+        model = make_model()
+        engine, _, _, _ = ds_vrgd.initialize(model=model, model_parameters=model.parameters(), config=ds_config(case))
+        if case.get("checkpoint"):
+            train_engine(engine, dict(case, steps=case["steps"] // 2), rank)
+            engine.save_checkpoint(os.path.join(out_dir, "ckpt"), tag="half")
+            model = make_model()
+            engine, _, _, _ = ds_vrgd.initialize(model=model, model_parameters=model.parameters(), config=ds_config(case))
+            engine.load_checkpoint(os.path.join(out_dir, "ckpt"), tag="half")
+            rest = dict(case, steps=case["steps"] - case["steps"] // 2)
+            applied = list(range(case["steps"] // 2)) + train_engine(engine, rest, rank, case["steps"] // 2)
+        else:
+            applied = train_engine(engine, case, rank)
+        results.append(_result(engine, applied))
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "results.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cases(world: int, cases: list[dict], fp16_on_cpu: bool = False) -> list[dict]:
+    """Train every case on ``world`` spawned gloo ranks; rank 0's results, one per case."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(world, _free_port(), cases, out_dir, fp16_on_cpu), nprocs=world, join=True)
+        return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
+
+
+def reference(case: dict, world: int, applied: list[int] | None = None) -> dict:
+    """Single-process run from the same per-micro-batch gradients (plain VR optimizer).
+
+    ``applied``: the steps to take (default all); others are skipped like an fp16 overflow step.
+    """
+    from ds_vrgd import optim
+
+    model = make_model()
+    params = dict(OPTIMIZER_PARAMS, **case.get("params", {}))
+    optimizer = getattr(optim, case["optimizer"])(model.parameters(), **params)
+    gas = case.get("gas", 1)
+    for step in range(case.get("steps", 3)) if applied is None else applied:
+        for rank in range(world):
+            for micro in range(gas):
+                x, y = micro_batch(step, rank, micro)
+                (loss_of(model, x, y) / (world * gas)).backward()
+        if case.get("clip", 1.0):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), case.get("clip", 1.0))
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "stats": optimizer.gsnr_stats()}
+
+
+def max_param_diff(a: dict, b: dict) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
