@@ -54,6 +54,8 @@ def ds_config(case: dict) -> dict:
         "gradient_clipping": case.get("clip", 1.0),
         "steps_per_print": 10**9,
     }
+    if case.get("monitor_dir"):
+        config["csv_monitor"] = {"enabled": True, "output_path": case["monitor_dir"], "job_name": "vrgd"}
     precision = case.get("precision", "fp32")
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
@@ -165,3 +167,40 @@ def reference(case: dict, world: int, applied: list[int] | None = None) -> dict:
 
 def max_param_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
+
+
+def _config_worker(rank: int, world: int, port: int, configs: list[dict], out_dir: str) -> None:
+    """deepspeed.initialize on each raw config; record the optimizer type or the error message."""
+    import warnings
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
+    )
+    import deepspeed
+
+    import ds_vrgd  # noqa: F401
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    outcomes = []
+    for config in configs:
+        model = make_model()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+                train_engine(engine, {"steps": 1, "gas": config.get("gradient_accumulation_steps", 1)}, rank)
+                outcome = {"type": type(engine.basic_optimizer).__name__}
+            except Exception as error:  # the message is what the test checks
+                outcome = {"error": f"{type(error).__name__}: {error}"}
+        outcome["warnings"] = [str(w.message) for w in caught]
+        outcomes.append(outcome)
+    if rank == 0:
+        torch.save(outcomes, os.path.join(out_dir, "results.pt"))
+
+
+def initialize_configs(configs: list[dict], world: int = 1) -> list[dict]:
+    """Outcome of deepspeed.initialize + one step for each raw ds_config (see _config_worker)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_config_worker, args=(world, _free_port(), configs, out_dir), nprocs=world, join=True)
+        return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)

@@ -8,6 +8,10 @@ is active, bf16, fp16 with loss scaling and overflow skips, and checkpoint
 resume.
 """
 
+import glob
+import os
+import tempfile
+
 import pytest
 
 from tests.ds_harness import max_param_diff, reference, run_cases
@@ -33,6 +37,7 @@ SPECIAL_2 = {
     "uninterrupted_stage1_sgd": dict(optimizer="VRSGD", stage=1, gas=2, steps=4, params={"momentum": 0.9}),
     "big_bucket": dict(optimizer="VRLAMB", stage=2, gas=2, bucket=10**6),
     "vr_off": dict(optimizer="VRLAMB", stage=2, gas=2, params={"vr": False}),
+    "monitor": dict(optimizer="VRSGD", stage=2, gas=2, monitor_dir=tempfile.mkdtemp(prefix="vrgd-monitor-")),
 }
 FP16_2 = {
     "fp16": dict(optimizer="VRAdamW", stage=2, gas=2, precision="fp16", steps=4),
@@ -168,3 +173,13 @@ def test_fp16_overflow_steps_change_no_optimizer_state(fp16_world2):
     want = reference(case, 2, applied=got["applied"])
     assert got["stats"]["n"] == 4  # samples of skipped steps were dropped
     assert max_param_diff(got["params"], want["params"]) < 2e-3
+
+
+def test_gsnr_statistics_reach_the_deepspeed_monitor(world2):
+    case = SPECIAL_2["monitor"]
+    assert world2[id(case)]["stats"]["n"] == 4
+    files = {os.path.basename(f) for f in glob.glob(os.path.join(case["monitor_dir"], "**", "*.csv"), recursive=True)}
+    for name in ("gsnr_mean", "gsnr_frac_low", "gsnr_frac_high", "gsnr_n", "b_simple"):
+        assert any(name in f for f in files), (name, files)
+    rows = open(glob.glob(os.path.join(case["monitor_dir"], "**", "*b_simple*.csv"), recursive=True)[0]).read()
+    assert len(rows.strip().splitlines()) >= 3  # header + one row per step

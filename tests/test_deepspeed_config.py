@@ -1,0 +1,111 @@
+"""ds_config integration: names, validation, unsupported settings, version pin, the launcher."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.ds_harness import initialize_configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(optimizer: dict, **extra) -> dict:
+    base = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "optimizer": optimizer,
+            "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+    base.update(extra)
+    return base
+
+
+CONFIGS = {
+    "lower_case": config({"type": "vrlamb", "params": {"lr": 1e-3}}),
+    "mixed_case": config({"type": "VrAdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.98]}}),
+    "stage1_sgd": config({"type": "VRSGD", "params": {"lr": 0.1, "momentum": 0.9}}, zero_optimization={"stage": 1}),
+    "unknown_key": config({"type": "VRLAMB", "params": {"lr": 1e-3, "bogus": 1}}),
+    "auto": config({"type": "VRLAMB", "params": {"lr": "auto"}}),
+    "bad_gamma": config({"type": "VRLARS", "params": {"lr": 1e-3, "gamma": -1}}),
+    "stage3": config({"type": "VRLAMB", "params": {"lr": 1e-3}}, zero_optimization={"stage": 3}),
+    "offload": config({"type": "VRLAMB", "params": {"lr": 1e-3}},
+                      zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
+    "one_sample": config({"type": "VRAdam", "params": {"lr": 1e-3}}, gradient_accumulation_steps=1),
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    return dict(zip(CONFIGS, initialize_configs(list(CONFIGS.values()))))
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name, expected", [("lower_case", "VRLAMB"), ("mixed_case", "VRAdamW"), ("stage1_sgd", "VRSGD")])
+def test_types_are_case_insensitive_and_need_no_untested_flag(outcomes, name, expected):
+    assert outcomes[name].get("type") == expected, outcomes[name]
+    assert not any("untested" in w for w in outcomes[name]["warnings"])
+
+
+def test_unknown_param_lists_the_valid_ones(outcomes):
+    error = outcomes["unknown_key"]["error"]
+    assert "ValueError" in error and "bogus" in error and "max_trust_ratio" in error and "gamma" in error
+
+
+def test_auto_values_need_trainer(outcomes):
+    assert '"auto"' in outcomes["auto"]["error"] and "lr" in outcomes["auto"]["error"]
+
+
+def test_bad_hyperparameter_names_itself(outcomes):
+    assert "gamma" in outcomes["bad_gamma"]["error"]
+
+
+def test_unsupported_settings_are_named(outcomes):
+    assert "zero_optimization.stage=3" in outcomes["stage3"]["error"]
+    assert "offload_optimizer" in outcomes["offload"]["error"]
+
+
+def test_one_sample_per_step_warns_and_falls_back(outcomes):
+    assert outcomes["one_sample"].get("type") == "VRAdam"
+    assert any("at least 2" in w for w in outcomes["one_sample"]["warnings"])
+
+
+def test_version_pin_is_checked():
+    from ds_vrgd.deepspeed import check_version
+
+    check_version("0.19.8")
+    with pytest.raises(ImportError, match=r"deepspeed>=0.19.8,<0.20"):
+        check_version("0.18.4")
+    with pytest.raises(ImportError, match="found 0.20.1"):
+        check_version("0.20.1")
+
+
+def test_every_config_in_ds_configs_is_valid_json_with_a_known_optimizer():
+    from ds_vrgd.deepspeed import VR_OPTIMIZERS
+
+    names = sorted(os.listdir(os.path.join(REPO, "ds_configs")))
+    assert names
+    for name in names:
+        with open(os.path.join(REPO, "ds_configs", name)) as f:
+            cfg = json.load(f)
+        kind = cfg["optimizer"]["type"]
+        if kind.lower() in VR_OPTIMIZERS:
+            params = {k: v for k, v in cfg["optimizer"].get("params", {}).items() if v != "auto"}
+            VR_OPTIMIZERS[kind.lower()]([__import__("torch").nn.Parameter(__import__("torch").zeros(2))], **params)
+
+
+def test_deepspeed_launcher_runs_a_repo_config(tmp_path):
+    summary = tmp_path / "summary.json"
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", "29561",
+        os.path.join(REPO, "examples", "deepspeed_minimal.py"),
+        "--deepspeed_config", os.path.join(REPO, "ds_configs", "cpu_tiny_zero2_vrlamb.json"),
+        "--steps", "10", "--summary", str(summary),
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(summary.read_text())
+    assert result["optimizer"] == "VRLAMB" and result["zero_stage"] == 2 and result["world_size"] == 2
+    assert result["n"] == 4  # 2 ranks x 2 accumulation steps
+    assert result["final_loss"] < result["first_loss"]
