@@ -1,23 +1,50 @@
 """ds_vrgd: VRGD (GSNR-scaled) optimizers for PyTorch and DeepSpeed.
 
-``import ds_vrgd`` makes the optimizer types VRSGD, VRAdam, VRAdamW, VRLARS
-and VRLAMB available; see :mod:`ds_vrgd.optim`.
+``from ds_vrgd.optim import VRLAMB`` gives the optimizers (:mod:`ds_vrgd.optim`).
+``import ds_vrgd`` also registers VRSGD, VRAdam, VRAdamW, VRLARS and VRLAMB as
+ds_config optimizer types: at once if DeepSpeed is already imported, else
+right after DeepSpeed is first imported (so plain-PyTorch users do not pay
+for importing DeepSpeed). ``ds_vrgd.initialize`` is a drop-in for
+``deepspeed.initialize``.
 """
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+from ds_vrgd import optim  # noqa: F401
 
 __version__ = "0.1.0"
 
-from ds_vrgd import optim  # noqa: E402,F401
 
-
-def _register_with_deepspeed() -> None:
-    """Register the VR types with DeepSpeed when it is installed (ds_config "type": "VRLAMB")."""
+def _register() -> None:
+    """Register the VR types with the imported DeepSpeed; warn if its version is unsupported."""
     try:
-        import deepspeed  # noqa: F401
-    except ImportError:
+        from ds_vrgd.deepspeed import register
+    except ImportError as error:
+        warnings.warn(f"ds_vrgd: VR optimizer types not registered with DeepSpeed: {error}", stacklevel=2)
         return
-    from ds_vrgd.deepspeed import register
-
     register()
+
+
+class _RegisterAfterDeepSpeedImport(importlib.abc.MetaPathFinder):
+    """Import hook: run :func:`_register` once ``import deepspeed`` has finished."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "deepspeed":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module):
+                exec_module(module)
+                _register()
+
+            spec.loader.exec_module = exec_then_register
+        return spec
 
 
 def initialize(*args, **kwargs):
@@ -27,4 +54,7 @@ def initialize(*args, **kwargs):
     return ds_initialize(*args, **kwargs)
 
 
-_register_with_deepspeed()
+if "deepspeed" in sys.modules:
+    _register()
+elif not any(isinstance(finder, _RegisterAfterDeepSpeedImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterDeepSpeedImport())
