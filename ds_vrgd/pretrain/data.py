@@ -34,8 +34,13 @@ Choices (the reasons are the NVIDIA/Google BERT and RoBERTa recipes):
   masking stores only ``input_ids`` and :class:`MLMCollator` masks each batch
   (RoBERTa). The held-out split is always masked statically with the seed,
   so evaluation losses are comparable between steps and runs.
-- Determinism: the masks of row i depend only on (seed, split, copy, i), not
-  on ``num_proc`` or batch boundaries.
+- Determinism: given the tokenizer, the output depends only on the corpus
+  and the options; the masks of row i depend only on (seed, split, copy, i),
+  not on ``num_proc`` or batch boundaries. Training the tokenizer is not
+  bit-reproducible: ``tokenizers``' WordPiece trainer breaks ties in hash-map
+  order (huggingface/tokenizers#1794; a few dozen of 8192 tokens differ
+  between runs). Reuse a tokenizer with ``--tokenizer DIR/tokenizer`` to
+  reproduce data exactly, as phase 2 (seq 512) does with phase 1's.
 """
 
 from __future__ import annotations
@@ -49,7 +54,6 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
-from functools import cached_property
 from itertools import islice
 from pathlib import Path
 
@@ -77,13 +81,6 @@ class MaskingSpec:
     special_ids: tuple[int, ...]
     max_predictions: int
     mlm_probability: float = MLM_PROBABILITY
-
-    @cached_property
-    def random_pool(self) -> torch.Tensor:
-        """Token ids a '10% random' replacement draws from: every non-special id, int64 [vocab_size - #special]."""
-        keep = torch.ones(self.vocab_size, dtype=torch.bool)
-        keep[list(self.special_ids)] = False
-        return keep.nonzero().squeeze(1)
 
     @classmethod
     def from_meta(cls, meta: dict) -> MaskingSpec:
@@ -117,11 +114,23 @@ def mask_tokens(
     scores = torch.rand(ids.shape, generator=generator).masked_fill(special, 2.0)  # specials rank last
     chosen = scores.argsort(1).argsort(1) < n_predict.unsqueeze(1)
     action = torch.rand(ids.shape, generator=generator)
-    pool = spec.random_pool
-    random_ids = pool[torch.randint(len(pool), ids.shape, generator=generator)]
+    random_ids = _random_non_special(ids.shape, spec, generator)
     corrupted = torch.where(chosen & (action < 0.8), spec.mask_id, ids)
     corrupted = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, corrupted)
     return corrupted, torch.where(chosen, ids, -100)
+
+
+def _random_non_special(shape: torch.Size, spec: MaskingSpec, generator: torch.Generator) -> torch.Tensor:
+    """Token ids uniform over the non-special ids, int64 ``shape``.
+
+    Draws r in [0, #non-special) and maps it to the r-th non-special id by
+    stepping over each special id in ascending order (no vocabulary-sized table).
+    """
+    specials = sorted(set(spec.special_ids))
+    ids = torch.randint(spec.vocab_size - len(specials), shape, generator=generator)
+    for special in specials:
+        ids += ids >= special
+    return ids
 
 
 def _stable_hash(*parts: object) -> int:
@@ -519,7 +528,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: check the options, open the corpus, prepare, print meta.json. Returns the exit code."""
+    """CLI entry point: check the options, open the corpus, prepare, print a summary. Returns the exit code."""
     args = vars(_parser().parse_args(argv))
     try:
         options = PrepareOptions(**{f.name: args[f.name] for f in fields(PrepareOptions)})
@@ -531,8 +540,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(meta, indent=2))
+    print(summary(args["output"], meta))
     return 0
+
+
+def summary(output: str | Path, meta: dict) -> str:
+    """One line per split: rows, documents and tokens of a prepared directory (for the CLI)."""
+    lines = [f"wrote {output}: seq {meta['max_seq_len']}, vocab {meta['vocab_size']}, {meta['masking']} masking"]
+    for split, c in meta["counts"].items():
+        lines.append(f"  {split}: {c['rows']} rows from {c['documents']} documents, {c['tokens']} tokens")
+    return "\n".join(lines + [f"  details: {Path(output, 'meta.json')}"])
 
 
 if __name__ == "__main__":
