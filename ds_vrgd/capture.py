@@ -68,6 +68,9 @@ class _ParamCapture:
 class BackwardHookMoments:
     """Samples = backward passes, captured by hooks on the parameters."""
 
+    records_grad_norm_after_backward = True
+    """Record ||p.grad|| after each backward (subclasses that know it later turn this off)."""
+
     def __init__(self) -> None:
         self._captures: dict[int, _ParamCapture] = {}
         self._generation = 0
@@ -78,10 +81,9 @@ class BackwardHookMoments:
             if not param.requires_grad or id(param) in self._captures:
                 continue
             capture = _ParamCapture()
-            capture.handles = [
-                param.register_hook(self._sample_hook(param, capture)),
-                param.register_post_accumulate_grad_hook(self._accumulated_hook(capture)),
-            ]
+            capture.handles = [param.register_hook(self._sample_hook(param, capture))]
+            if self.records_grad_norm_after_backward:
+                capture.handles.append(param.register_post_accumulate_grad_hook(self._accumulated_hook(capture)))
             self._captures[id(param)] = capture
 
     def _sample_hook(self, param: Tensor, capture: _ParamCapture):

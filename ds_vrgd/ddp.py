@@ -1,0 +1,116 @@
+"""GSNR samples under torch DistributedDataParallel: a communication hook.
+
+Every rank's every backward pass is a sample: n = world_size x backward
+passes per step (gradient accumulation with ``no_sync()`` included). Each
+rank squares its local micro-batch gradients as they come (the plain
+backward hooks of :mod:`ds_vrgd.capture`); when DDP reduces a gradient
+bucket, :func:`gsnr_allreduce_hook` reduces the bucket's local sums of
+squares with it:
+
+* fp32 gradients: one all-reduce of ``cat([grads, squares])`` (fused, twice
+  the gradient's size);
+* fp16/bf16 gradients: the gradient in its dtype and the squares in fp32, two
+  all-reduces launched together (squares of low-precision gradients would
+  overflow or lose the variance).
+
+The gradient is averaged as by DDP's default hook; the squares are summed.
+The hook records ||p.grad|| after the reduction, so a later uniform rescale by
+the user (clipping, GradScaler unscaling) is detected as in plain PyTorch.
+
+    model = DDP(model)
+    optimizer = VRLAMB(model.parameters(), lr=...)
+    ds_vrgd.ddp.enable_gsnr(model, optimizer)
+
+(No ``from __future__ import annotations`` here: DDP checks the hook's
+annotations against the real ``dist.GradBucket`` and ``Future`` types.)
+"""
+
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from ds_vrgd.capture import BackwardHookMoments
+from ds_vrgd.optim import VROptimizer
+
+
+class DDPMoments(BackwardHookMoments):
+    """Backward-pass samples of every rank, reduced by :func:`gsnr_allreduce_hook`."""
+
+    records_grad_norm_after_backward = False
+
+    def __init__(self, process_group=None):
+        super().__init__()
+        self.group = process_group
+        self.world_size = dist.get_world_size(process_group)
+
+    def num_samples(self) -> int:
+        return super().num_samples() * self.world_size
+
+    def grad_scales(self, params: list[Tensor]) -> list[float]:
+        """p.grad = (user rescale) x (rank average of the sample sums)."""
+        return [c / self.world_size for c in super().grad_scales(params)]
+
+    def bucket_squares(self, params: list[Tensor]) -> Tensor:
+        """[sum numel] fp32: this rank's sums of squared samples of the bucket's parameters."""
+        parts = []
+        for param in params:
+            sq = self.sq_sum(param)
+            parts.append(sq.reshape(-1) if sq is not None else torch.zeros(param.numel(), device=param.device))
+        return torch.cat(parts)
+
+    def store_reduced(self, params: list[Tensor], grads: Tensor, squares: Tensor) -> None:
+        """Write the all-rank sums of squares back and record the reduced gradient norms."""
+        start = 0
+        for param in params:
+            numel = param.numel()
+            capture = self._current(param)
+            if capture is not None:
+                capture.sq.view(-1).copy_(squares.narrow(0, start, numel))
+                capture.grad_norm = torch.linalg.vector_norm(grads.narrow(0, start, numel), dtype=torch.float32)
+            start += numel
+
+
+def gsnr_allreduce_hook(state: DDPMoments, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: average the gradient bucket and sum its squared samples, together."""
+    grads, params = bucket.buffer(), bucket.parameters()
+    squares = state.bucket_squares(params)
+    numel = grads.numel()
+    if grads.dtype == torch.float32:
+        combined = torch.cat([grads, squares])
+        future = dist.all_reduce(combined, group=state.group, async_op=True).get_future()
+
+        def split(fut) -> Tensor:
+            reduced = fut.value()[0]
+            grads.copy_(reduced.narrow(0, 0, numel)).div_(state.world_size)
+            state.store_reduced(params, grads, reduced.narrow(0, numel, squares.numel()))
+            return grads
+
+        return future.then(split)
+    grad_future = dist.all_reduce(grads, group=state.group, async_op=True).get_future()
+    square_future = dist.all_reduce(squares, group=state.group, async_op=True).get_future()
+
+    def average(fut) -> Tensor:
+        square_future.wait()
+        grads.div_(state.world_size)
+        state.store_reduced(params, grads, squares)
+        return grads
+
+    return grad_future.then(average)
+
+
+def enable_gsnr(model: DistributedDataParallel, optimizer: VROptimizer, process_group=None) -> DDPMoments:
+    """Give ``optimizer`` the samples of all ranks of ``model`` (a DDP module); returns the source."""
+    if not isinstance(model, DistributedDataParallel):
+        raise ValueError(f"enable_gsnr needs a torch DistributedDataParallel model, got {type(model).__name__}")
+    if not isinstance(optimizer, VROptimizer):
+        raise ValueError(f"enable_gsnr needs a ds_vrgd VR optimizer, got {type(optimizer).__name__}")
+    group: Optional[object] = process_group if process_group is not None else model.process_group
+    source = DDPMoments(group)
+    optimizer.use_moments(source)
+    source.watch(p for g in optimizer.param_groups if g["vr"] for p in g["params"])
+    model.register_comm_hook(source, gsnr_allreduce_hook)
+    return source
