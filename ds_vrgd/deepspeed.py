@@ -35,6 +35,7 @@ import deepspeed
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.zero import utils as zero_utils
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.utils import logger
 
 from ds_vrgd.optim import VRAdam, VRAdamW, VRLAMB, VRLARS, VROptimizer, VRSGD
 from ds_vrgd.partitioned import REPLICATED, Layer, OwnedSlice, PartitionedMoments
@@ -64,12 +65,16 @@ def build_optimizer(name: str, model_parameters: Any, params: Optional[dict]) ->
     """The VR optimizer named in a ds_config, from its ``params`` (validated)."""
     cls = VR_OPTIMIZERS[name.lower()]
     params = dict(params or {})
+    if params.get("lr") == "auto":
+        raise ValueError(
+            f'ds_config optimizer {cls.__name__}: "lr" is "auto", which only Hugging Face Trainer/accelerate '
+            "fill in; set a number when calling deepspeed.initialize directly"
+        )
     auto = sorted(key for key, value in params.items() if value == "auto")
     if auto:
-        raise ValueError(
-            f'ds_config optimizer {cls.__name__}: params {auto} are "auto", which only Hugging Face '
-            "Trainer/accelerate fill in; set numbers when calling deepspeed.initialize directly"
-        )
+        # accelerate without Trainer fills lr and weight_decay only; the rest take the defaults
+        logger.warning(f"ds_config optimizer {cls.__name__}: {auto} left as \"auto\"; using the defaults")
+        params = {key: value for key, value in params.items() if value != "auto"}
     if "max_grad_norm" in params:
         raise ValueError(
             f'ds_config optimizer {cls.__name__}: "max_grad_norm" is not an optimizer option; '
@@ -87,8 +92,8 @@ def _reject_unsupported(engine: DeepSpeedEngine, optimizer: VROptimizer) -> None
         problems.append("zero_optimization.offload_optimizer (ZeRO-Offload): remove it")
     if engine.pipeline_parallelism:
         problems.append("pipeline parallelism (PipelineModule): use plain data parallelism")
-    if engine.mpu is not None:
-        problems.append("model parallelism (mpu): use plain data parallelism")
+    if engine.mpu is not None or getattr(engine, "sequence_parallel_size", 1) > 1:
+        problems.append("model or sequence parallelism: use plain data parallelism")
     if engine.zero_optimization_stage() == 0 and (engine.fp16_enabled() or engine.bfloat16_enabled()):
         problems.append("fp16/bf16 without ZeRO: set zero_optimization.stage to 1 or 2")
     if not isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, VROptimizer)):

@@ -25,6 +25,7 @@ CONFIGS = {
     "stage1_sgd": config({"type": "VRSGD", "params": {"lr": 0.1, "momentum": 0.9}}, zero_optimization={"stage": 1}),
     "unknown_key": config({"type": "VRLAMB", "params": {"lr": 1e-3, "bogus": 1}}),
     "auto": config({"type": "VRLAMB", "params": {"lr": "auto"}}),
+    "auto_betas": config({"type": "VRLAMB", "params": {"lr": 1e-3, "betas": "auto", "eps": "auto"}}),
     "bad_gamma": config({"type": "VRLARS", "params": {"lr": 1e-3, "gamma": -1}}),
     "stage3": config({"type": "VRLAMB", "params": {"lr": 1e-3}}, zero_optimization={"stage": 3}),
     "offload": config({"type": "VRLAMB", "params": {"lr": 1e-3}},
@@ -52,8 +53,9 @@ def test_unknown_param_lists_the_valid_ones(outcomes):
     assert "ValueError" in error and "bogus" in error and "max_trust_ratio" in error and "gamma" in error
 
 
-def test_auto_values_need_trainer(outcomes):
-    assert '"auto"' in outcomes["auto"]["error"] and "lr" in outcomes["auto"]["error"]
+def test_auto_lr_needs_trainer_other_auto_values_take_defaults(outcomes):
+    assert '"auto"' in outcomes["auto"]["error"] and '"lr"' in outcomes["auto"]["error"]
+    assert outcomes["auto_betas"].get("type") == "VRLAMB", outcomes["auto_betas"]
 
 
 def test_bad_hyperparameter_names_itself(outcomes):
