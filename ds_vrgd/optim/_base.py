@@ -428,6 +428,23 @@ class VROptimizer(Optimizer):
         return ratios
 
     @staticmethod
+    def _adam_moments(pieces: GroupPieces, direction: TensorList, ops: ListOps) -> tuple[TensorList, TensorList, float]:
+        """Adam's moment update of d; returns (m, sqrt(v_hat) + eps, 1 - beta1^t).
+
+        m <- b1 m + (1 - b1) d;  v <- b2 v + (1 - b2) d^2;  m_hat = m / (1 - b1^t).
+        """
+        group = pieces.group
+        (beta1, beta2), t = group["betas"], pieces.step()
+        exp_avg, exp_avg_sq = pieces.state("exp_avg"), pieces.state("exp_avg_sq")
+        ops.lerp_(exp_avg, direction, 1.0 - beta1)
+        ops.mul_(exp_avg_sq, beta2)
+        ops.addcmul_(exp_avg_sq, direction, direction, 1.0 - beta2)
+        denom = ops.sqrt(exp_avg_sq)
+        ops.mul_(denom, 1.0 / math.sqrt(1.0 - beta2**t))
+        ops.add_scalar_(denom, group["eps"])
+        return exp_avg, denom, 1.0 - beta1**t
+
+    @staticmethod
     def _decayed_pieces(pieces: GroupPieces, exclude_1d: bool) -> list[int]:
         """Indices of the pieces that take weight decay (all, or only ndim > 1 with exclude_1d)."""
         return [i for i, is_matrix in enumerate(pieces.is_matrix()) if is_matrix or not exclude_1d]

@@ -10,7 +10,6 @@ amsgrad, maximize, capturable or fused options).
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Optional
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
@@ -49,22 +48,15 @@ class VRAdam(VROptimizer):
 
     def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
         params, lr, wd = pieces.params, group["lr"], group["weight_decay"]
-        (beta1, beta2), t = group["betas"], pieces.step()
         if self.decoupled_weight_decay:
             ops.mul_(params, 1.0 - lr * wd)
             direction = pieces.grads
         else:
             direction = ops.add(pieces.grads, params, alpha=wd) if wd else pieces.grads
-        exp_avg, exp_avg_sq = pieces.state("exp_avg"), pieces.state("exp_avg_sq")
-        ops.lerp_(exp_avg, direction, 1.0 - beta1)
-        ops.mul_(exp_avg_sq, beta2)
-        ops.addcmul_(exp_avg_sq, direction, direction, 1.0 - beta2)
-        denom = ops.sqrt(exp_avg_sq)
-        ops.mul_(denom, 1.0 / math.sqrt(1.0 - beta2**t))
-        ops.add_scalar_(denom, group["eps"])
+        exp_avg, denom, bias_correction1 = self._adam_moments(pieces, direction, ops)
         if rho is not None:
             ops.div_tensors_(denom, rho)  # rho = 0 gives denom = inf: no step
-        ops.addcdiv_(params, exp_avg, denom, -lr / (1.0 - beta1**t))
+        ops.addcdiv_(params, exp_avg, denom, -lr / bias_correction1)
 
 
 class VRAdamW(VRAdam):

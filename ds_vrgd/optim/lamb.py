@@ -19,7 +19,6 @@ tensor (no ndim rule), and its ``adam``/``pre_norm`` modes have no analogue here
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Optional
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
@@ -66,17 +65,10 @@ class VRLAMB(VROptimizer):
         super().__init__(params, defaults, foreach)
 
     def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
-        params, grads, wd = pieces.params, pieces.grads, group["weight_decay"]
-        (beta1, beta2), t = group["betas"], pieces.step()
-        exp_avg, exp_avg_sq = pieces.state("exp_avg"), pieces.state("exp_avg_sq")
-        ops.lerp_(exp_avg, grads, 1.0 - beta1)
-        ops.mul_(exp_avg_sq, beta2)
-        ops.addcmul_(exp_avg_sq, grads, grads, 1.0 - beta2)
-        denom = ops.sqrt(exp_avg_sq)
-        ops.mul_(denom, 1.0 / math.sqrt(1.0 - beta2**t))
-        ops.add_scalar_(denom, group["eps"])
+        params, wd = pieces.params, group["weight_decay"]
+        exp_avg, denom, bias_correction1 = self._adam_moments(pieces, pieces.grads, ops)
         update = ops.div(exp_avg, denom)
-        ops.mul_(update, 1.0 / (1.0 - beta1**t))
+        ops.mul_(update, 1.0 / bias_correction1)
         if wd:
             decayed = self._decayed_pieces(pieces, group["exclude_1d"])
             ops.add_([update[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
