@@ -29,18 +29,30 @@ def _register() -> None:
 
 
 class _RegisterAfterDeepSpeedImport(importlib.abc.MetaPathFinder):
-    """Import hook: run :func:`_register` once ``import deepspeed`` has finished."""
+    """Import hook: run :func:`_register` once ``import deepspeed`` has executed.
+
+    ``find_spec`` may also be called without an import (``importlib.util.find_spec``
+    availability checks, as transformers does), so the hook stays installed until
+    the module really executes.
+    """
+
+    _resolving = False
 
     def find_spec(self, name, path, target=None):
-        if name != "deepspeed":
+        if name != "deepspeed" or self._resolving:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self._resolving = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._resolving = False
         if spec is not None and spec.loader is not None:
             exec_module = spec.loader.exec_module
 
             def exec_then_register(module):
                 exec_module(module)
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 _register()
 
             spec.loader.exec_module = exec_then_register

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.ds_harness import initialize_configs
+from tests.ds_harness import _free_port, initialize_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +75,7 @@ def test_one_sample_per_step_warns_and_falls_back(outcomes):
 def test_deepspeed_launcher_runs_a_repo_config(tmp_path):
     summary = tmp_path / "summary.json"
     command = [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", "29561",
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
         os.path.join(REPO, "examples", "deepspeed_minimal.py"),
         "--deepspeed_config", os.path.join(REPO, "ds_configs", "cpu_tiny_zero2_vrlamb.json"),
         "--steps", "10", "--summary", str(summary),

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.ds_harness import _free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +32,7 @@ def _check(result):
 
 def test_trainer_deepspeed_argument_under_deepspeed_launcher(tmp_path):
     out = tmp_path / "result.json"
-    command = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29591", SCRIPT, str(out), "--via-args"]
+    command = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), SCRIPT, str(out), "--via-args"]
     _check(_run(command, out))
 
 
@@ -38,6 +40,6 @@ def test_trainer_under_accelerate_launch_with_deepspeed_config_file(tmp_path):
     out = tmp_path / "result.json"
     command = [os.path.join(BIN, "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--use_deepspeed", "--deepspeed_config_file",
-               os.path.join(REPO, "ds_configs", "hf_auto_zero2_vrlamb.json"), "--main_process_port", "29593",
+               os.path.join(REPO, "ds_configs", "hf_auto_zero2_vrlamb.json"), "--main_process_port", str(_free_port()),
                SCRIPT, str(out)]
     _check(_run(command, out))

@@ -29,6 +29,11 @@ def test_registers_when_deepspeed_is_imported_later():
     assert _wrapped_after("import ds_vrgd; import deepspeed") == "True True"
 
 
+def test_registers_after_an_availability_check_like_transformers_does():
+    statements = "import ds_vrgd, importlib.util; importlib.util.find_spec('deepspeed'); import deepspeed"
+    assert _wrapped_after(statements) == "True True"
+
+
 def test_plain_import_does_not_import_deepspeed():
     done = subprocess.run([sys.executable, "-c", "import sys, ds_vrgd; print('deepspeed' in sys.modules)"],
                           capture_output=True, text=True, timeout=300)
