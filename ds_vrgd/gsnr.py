@@ -22,8 +22,8 @@ it, up to a known scale c: loss scale, 1/world_size, clipping) and
 Q = sum_i (g^(i))^2 at the scale of the samples. Then m = G / (c n) and
 s = Q / n: any common scaling of the samples cancels in r, as it must.
 
-r is capped at ``GSNR_CAP`` so that a layer of constant gradients (v = 0) keeps
-finite sums; such elements simply get the upper bound.
+An element with v = 0 gets r = m^2 / eps_gsnr (finite in fp32 for |m| < ~1e9);
+a layer whose sum of r is not finite or is 0 gets q = 1.
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ import torch
 from torch import Tensor
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
-
-GSNR_CAP = 1e20
-"""Largest GSNR value kept (r of an element with zero variance)."""
 
 Reduce = Callable[[Tensor], None]
 """In-place SUM of a small fp32 tensor across the ranks that share the layers."""
@@ -124,7 +121,6 @@ def gsnr_ratio(
     sum_m2 = ops.norms(m2, 1)
     ops.add_scalar_(sq_sums, eps_gsnr)
     ops.div_tensors_(m2, sq_sums)  # r = m^2 / (v + eps)
-    ops.clamp_(m2, 0.0, GSNR_CAP)
     sum_r = ops.norms(m2, 1)
     return m2, torch.stack([sum_r, sum_m2, sum_v])
 

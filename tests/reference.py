@@ -307,8 +307,8 @@ class Problem:
             for _t in range(steps):
                 per_step = []
                 for _i in range(n):
-                    x = torch.randn(3, 5, generator=gen, dtype=F64)
-                    y = x @ w_true.T + 0.5 * torch.randn(3, 4, generator=gen, dtype=F64)
+                    x = torch.randn(2, 5, generator=gen, dtype=F64)
+                    y = x @ w_true.T + 2.0 * torch.randn(2, 4, generator=gen, dtype=F64)
                     per_step.append((fp32_exact(x), fp32_exact(y)))
                 self.data.append(per_step)
 

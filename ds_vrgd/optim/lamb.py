@@ -9,12 +9,25 @@ With ``exclude_1d`` (default) layers with ndim <= 1 (biases, LayerNorm) get
 trust = 1 and no weight decay. Norms are per layer, exact under ZeRO
 (DeepSpeed's FusedLamb takes them over the flat partition instead).
 
-This is the bias-corrected LAMB of the paper's v3+ / NVIDIA BERT recipe.
-Differences from ``pytorch_optimizer.Lamb`` (4.x), see
-tests/test_optim_peers.py for the measured comparison: its trust ratio is
-clipped to [0, max_trust_ratio]-style bounds only when ``max_grad_norm``/
-``clamp`` options say so, it applies the trust ratio and weight decay to every
-tensor (no ndim rule), and its ``adam``/``pre_norm`` modes have no analogue here.
+This is the bias-corrected LAMB of the paper (v3+) and NVIDIA's BERT recipe.
+Differences from ``pytorch_optimizer.Lamb`` 4.x, each asserted in
+tests/test_optim_peers.py:
+
+* bias correction: here m and v are both corrected inside the update (so
+  inside the trust ratio); Lamb never corrects v and corrects m only through
+  its step size lr / (1 - beta1^t), applied after the trust ratio;
+* weight decay: here wd*W is added to the update before the trust ratio
+  (Lamb with ``weight_decouple=False``); Lamb's default decouples it;
+* trust clipping: here min(||W|| / ||a||, max_trust_ratio); Lamb clamps the
+  weight norm, min(||W||, 10) / (||u|| + eps), and does not clip the ratio;
+* 1-D tensors: Lamb applies trust ratio and decay to every tensor; here
+  ``exclude_1d`` gives them trust 1 and no decay (Lamb with a 1-D param group
+  ``weight_decay=0, adam=True``);
+* Lamb's ``pre_norm``, ``rectify``, ``grad_averaging``, ``adanorm`` have no
+  analogue here.
+
+They agree exactly for betas (0, 0), ``weight_decouple=False``, ||W|| < 10
+and a large max_trust_ratio.
 """
 
 from __future__ import annotations

@@ -9,12 +9,17 @@
 With ``exclude_1d`` (default) layers with ndim <= 1 (biases, LayerNorm) get
 trust = 1 and no weight decay. Norms are per layer, exact under ZeRO.
 
-Differences from ``pytorch_optimizer.LARS`` (4.x), which with ``vr=False``
-otherwise computes the same trust ratio: it applies the trust ratio and
-weight decay to every tensor unless told otherwise (its ``exclude_from_layer_adaptation``
-hooks are per-parameter, not by ndim), has ``dampening``/``nesterov`` options
-(this rule has neither), and skips the trust ratio for zero norms in the same
-way. See tests/test_optim_peers.py for the measured comparison.
+Differences from ``pytorch_optimizer.LARS`` 4.x, each asserted in
+tests/test_optim_peers.py:
+
+* trust ratio with weight decay: LARS uses tc*||W|| / (||g|| + wd*||W||),
+  here tc*||W|| / ||rho (.) (g + wd*W)|| (equal for wd = 0 and rho = 1);
+* 1-D tensors: LARS always exempts ndim <= 1 tensors from trust ratio and
+  decay, which is ``exclude_1d=True``; ``exclude_1d=False`` has no LARS analogue;
+* LARS has ``dampening`` and ``nesterov``; this rule matches LARS with both off.
+
+Otherwise identical (momentum start, trust 1 for a zero norm, W <- W - lr*b):
+exact agreement at wd = 0 with momentum 0 and 0.9.
 """
 
 from __future__ import annotations
