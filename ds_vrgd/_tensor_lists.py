@@ -53,13 +53,13 @@ class ListOps:
             for x, y in zip(xs, ys):
                 x.div_(y)
 
-    def add_scalar_(self, xs: TensorList, scalar: float) -> None:
-        """x_i <- x_i + c."""
+    def add_scalar_(self, xs: TensorList, scalars: Scalars) -> None:
+        """x_i <- x_i + c_i."""
         if self.foreach:
-            torch._foreach_add_(xs, scalar)
+            torch._foreach_add_(xs, scalars)
         else:
-            for x in xs:
-                x.add_(scalar)
+            for i, x in enumerate(xs):
+                x.add_(_per_tensor(scalars, i))
 
     def add_(self, xs: TensorList, ys: TensorList, alpha: float = 1.0) -> None:
         """x_i <- x_i + alpha * y_i."""

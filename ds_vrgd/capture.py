@@ -39,8 +39,8 @@ class MomentSource(Protocol):
     def sq_sum(self, param: Tensor) -> Optional[Tensor]:
         """Q for ``param`` (fp32, param's shape), or None if it saw no sample."""
 
-    def grad_scales(self, params: list[Tensor]) -> list[float]:
-        """c per owned tensor such that its grad = c * (sum of its samples)."""
+    def grad_scales(self, params: list[Tensor], grad_norms: list[float]) -> list[float]:
+        """c per owned tensor, such that its grad = c * (sum of its samples), given ||grad|| now."""
 
     def step_done(self) -> None:
         """The optimizer finished a step() call (one param group under DeepSpeed ZeRO)."""
@@ -125,17 +125,13 @@ class BackwardHookMoments:
         capture = self._current(param)
         return None if capture is None else capture.sq
 
-    def grad_scales(self, params: list[Tensor]) -> list[float]:
+    def grad_scales(self, params: list[Tensor], grad_norms: list[float]) -> list[float]:
         captured = [self._current(p) for p in params]
         known = [i for i, c in enumerate(captured) if c is not None and c.grad_norm is not None]
-        if not known:
-            return [1.0] * len(params)
-        now = torch._foreach_norm([params[i].grad for i in known], 2, dtype=torch.float32)
-        then = [captured[i].grad_norm for i in known]
-        ratios = torch.stack([torch.stack(now), torch.stack(then)]).tolist()
+        then = torch.stack([captured[i].grad_norm for i in known]).tolist() if known else []
         scales = [1.0] * len(params)
-        for i, grad_now, grad_then in zip(known, *ratios):
-            scales[i] = grad_now / grad_then if grad_then > 0.0 else 1.0
+        for i, norm_then in zip(known, then):
+            scales[i] = grad_norms[i] / norm_then if norm_then > 0.0 else 1.0
         return scales
 
     def reset(self) -> None:

@@ -98,6 +98,7 @@ def factor_bounds(gamma: float) -> tuple[float, float]:
 def gsnr_ratio(
     grads: TensorList,
     sq_sums: TensorList,
+    grad_sq_norms: Tensor,
     mean_scales: Sequence[float],
     n: int,
     eps_gsnr: float,
@@ -105,24 +106,30 @@ def gsnr_ratio(
 ) -> tuple[TensorList, Tensor]:
     """Per-element GSNR r of each piece and its per-piece partial sums.
 
-    grads[p]:       G, any float dtype, = c_p * sum of samples.
-    sq_sums[p]:     Q (fp32, same shape) = sum of squared samples. Overwritten
-                    with v + eps_gsnr (it is scratch after this call).
-    mean_scales[p]: a_p = 1 / (c_p * n), so that m = a_p * G.
+    grads[p]:         G, any float dtype, = c_p * sum of samples.
+    sq_sums[p]:       Q (fp32, same shape) = sum of squared samples. Overwritten
+                      (it is scratch after this call).
+    grad_sq_norms[p]: ||G_p||^2 (the caller has it from its finiteness check).
+    mean_scales[p]:   a_p = 1 / (c_p * n), so that m = a_p * G.
     Returns (r, partial) with r a new fp32 list and partial a [3, P] tensor of
     sum_j r_j, sum_j m_j^2 and sum_j v_j per piece (rows SUM_R, SUM_M2, SUM_V).
+
+    Computed in units of G to save passes: with u = G^2 and w = Q / (n a^2),
+    v = a^2 max(w - u, 0) and r = u / (max(w - u, 0) + eps / a^2). Seven
+    element-wise passes (square, scale, subtract, clamp, add, divide) and two
+    sums (of v and of r).
     """
-    m2 = ops.square_fp32(grads)
-    ops.mul_(m2, [a * a for a in mean_scales])  # m^2
-    ops.mul_(sq_sums, 1.0 / n)  # s
-    ops.sub_(sq_sums, m2)
-    ops.clamp_min_(sq_sums, 0.0)  # v
-    sum_v = ops.norms(sq_sums, 1)
-    sum_m2 = ops.norms(m2, 1)
-    ops.add_scalar_(sq_sums, eps_gsnr)
-    ops.div_tensors_(m2, sq_sums)  # r = m^2 / (v + eps)
-    sum_r = ops.norms(m2, 1)
-    return m2, torch.stack([sum_r, sum_m2, sum_v])
+    inv_a2 = [1.0 / (a * a) if a > 0.0 else 1.0 for a in mean_scales]
+    a2 = torch.tensor([1.0 / k for k in inv_a2], dtype=torch.float32, device=grad_sq_norms.device)
+    u = ops.square_fp32(grads)
+    ops.mul_(sq_sums, [k / n for k in inv_a2])  # w = s / a^2
+    ops.sub_(sq_sums, u)
+    ops.clamp_min_(sq_sums, 0.0)  # v / a^2
+    sum_v = ops.norms(sq_sums, 1).to(a2.device) * a2
+    ops.add_scalar_(sq_sums, [eps_gsnr * k for k in inv_a2])
+    ops.div_tensors_(u, sq_sums)  # r = m^2 / (v + eps)
+    sum_r = ops.norms(u, 1).to(a2.device)
+    return u, torch.stack([sum_r, grad_sq_norms.float() * a2, sum_v])
 
 
 def layer_normalisers(sum_r: Sequence[float], layer_numel: Sequence[int]) -> list[Optional[float]]:
@@ -167,7 +174,8 @@ def rho_from_moments(mean: Tensor, second_moment: Tensor, gamma: float, eps_gsnr
     """
     ops = ListOps(foreach=False)
     sq = [second_moment.float().clone()]
-    r, partial = gsnr_ratio([mean], sq, [1.0], 1, eps_gsnr, ops)
+    mean_norm = torch.linalg.vector_norm(mean.float()).reshape(1)
+    r, partial = gsnr_ratio([mean], sq, mean_norm**2, [1.0], 1, eps_gsnr, ops)
     normalise_(r, layer_normalisers([partial[SUM_R, 0].item()], [mean.numel()]), ops)
     ops.clamp_(r, *factor_bounds(gamma))
     return r[0]

@@ -317,7 +317,7 @@ class VROptimizer(Optimizer):
         for pieces, on in zip(groups, active):
             grad_norms = ListOps(True).norms(pieces.grads)
             if on:
-                ratio, partial = self._group_ratio(pieces, n)
+                ratio, partial = self._group_ratio(pieces, n, grad_norms)
             else:
                 ratio, partial = None, torch.zeros(3, len(pieces), device=grad_norms.device)
             numel = torch.tensor([float(p.numel) if on else 0.0 for p in pieces.pieces], device=grad_norms.device)
@@ -333,17 +333,24 @@ class VROptimizer(Optimizer):
             self._record_stats(groups, rhos, table, sums, n)
         return rhos
 
-    def _group_ratio(self, pieces: GroupPieces, n: int) -> tuple[TensorList, Tensor]:
-        owners = list({id(piece.owner): piece.owner for piece in pieces.pieces}.values())
-        scale_of = dict(zip(map(id, owners), self._moments.grad_scales(owners)))
-        sq_of = {id(owner): self._moments.sq_sum(owner) for owner in owners}
+    def _group_ratio(self, pieces: GroupPieces, n: int, grad_norms: Tensor) -> tuple[TensorList, Tensor]:
+        """r of the group's pieces; grad_norms [P] are the pieces' ||G|| (owner norm = root-sum-square)."""
+        owner_sq_norms: dict[int, float] = {}
+        owners: dict[int, Tensor] = {}
+        for piece, norm in zip(pieces.pieces, grad_norms.tolist()):
+            owners[id(piece.owner)] = piece.owner
+            owner_sq_norms[id(piece.owner)] = owner_sq_norms.get(id(piece.owner), 0.0) + norm * norm
+        keys = list(owners)
+        scales = self._moments.grad_scales([owners[k] for k in keys], [math.sqrt(owner_sq_norms[k]) for k in keys])
+        scale_of = dict(zip(keys, scales))
+        sq_of = {key: self._moments.sq_sum(owner) for key, owner in owners.items()}
         sq, mean_scales = [], []
         for piece in pieces.pieces:
             q, c = sq_of[id(piece.owner)], scale_of[id(piece.owner)]
             sq.append(piece.of(q) if q is not None else torch.zeros_like(piece.of(piece.owner), dtype=torch.float32))
             mean_scales.append(1.0 / (c * n) if c > 0 else 0.0)
         ops = ListOps(self._use_foreach(pieces.group))
-        return gsnr.gsnr_ratio(pieces.grads, sq, mean_scales, n, pieces.group["eps_gsnr"], ops)
+        return gsnr.gsnr_ratio(pieces.grads, sq, grad_norms**2, mean_scales, n, pieces.group["eps_gsnr"], ops)
 
     def _factor(self, pieces: GroupPieces, r: TensorList, normalisers: list) -> TensorList:
         group = pieces.group
