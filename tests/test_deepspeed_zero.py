@@ -10,7 +10,6 @@ resume.
 
 import glob
 import os
-import tempfile
 
 import pytest
 
@@ -37,7 +36,7 @@ SPECIAL_2 = {
     "uninterrupted_stage1_sgd": dict(optimizer="VRSGD", stage=1, gas=2, steps=4, params={"momentum": 0.9}),
     "big_bucket": dict(optimizer="VRLAMB", stage=2, gas=2, bucket=10**6),
     "vr_off": dict(optimizer="VRLAMB", stage=2, gas=2, params={"vr": False}),
-    "monitor": dict(optimizer="VRSGD", stage=2, gas=2, monitor_dir=tempfile.mkdtemp(prefix="vrgd-monitor-")),
+    "monitor": dict(optimizer="VRSGD", stage=2, gas=2),
 }
 FP16_2 = {
     "fp16": dict(optimizer="VRAdamW", stage=2, gas=2, precision="fp16", steps=4),
@@ -50,7 +49,8 @@ def _name(case: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def world2():
+def world2(tmp_path_factory):
+    SPECIAL_2["monitor"]["monitor_dir"] = str(tmp_path_factory.mktemp("monitor"))
     cases = EQUIVALENCE_2 + list(SPECIAL_2.values())
     results = run_cases(2, cases)
     return dict(zip(map(id, cases), results))
