@@ -19,7 +19,13 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
-    """Register the VR types with the imported DeepSpeed; warn if its version is unsupported."""
+    """Register the VR types with the imported DeepSpeed; warn if its version is unsupported.
+
+    When DeepSpeed's import was triggered by ``import ds_vrgd.deepspeed`` itself,
+    that module is still initialising here; it registers at the end of its import.
+    """
+    if "ds_vrgd.deepspeed" in sys.modules and not hasattr(sys.modules["ds_vrgd.deepspeed"], "register"):
+        return
     try:
         from ds_vrgd.deepspeed import register
     except ImportError as error:

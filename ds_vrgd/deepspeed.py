@@ -266,3 +266,6 @@ def initialize(*args, **kwargs):
     """Drop-in for ``deepspeed.initialize`` that makes sure the VR types are registered."""
     register()
     return deepspeed.initialize(*args, **kwargs)
+
+
+register()  # importing the adapter is asking for it (and may be what imported DeepSpeed)

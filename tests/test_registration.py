@@ -34,6 +34,11 @@ def test_registers_after_an_availability_check_like_transformers_does():
     assert _wrapped_after(statements) == "True True"
 
 
+def test_registers_when_the_adapter_module_imports_deepspeed():
+    statements = "import warnings; warnings.simplefilter('error'); import ds_vrgd; import ds_vrgd.deepspeed"
+    assert _wrapped_after(statements) == "True True"
+
+
 def test_plain_import_does_not_import_deepspeed():
     done = subprocess.run([sys.executable, "-c", "import sys, ds_vrgd; print('deepspeed' in sys.modules)"],
                           capture_output=True, text=True, timeout=300)
