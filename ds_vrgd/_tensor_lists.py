@@ -2,14 +2,17 @@
 
 The update rules and the GSNR transform are written once against
 :class:`ListOps`. ``ListOps(foreach=True)`` sends every call to the fused
-multi-tensor kernel (one launch per list on GPU); ``foreach=False`` loops over
-the tensors with the ordinary in-place methods. Both give the same numbers.
+multi-tensor kernel (one launch per list on an accelerator); ``foreach=False``
+loops over the tensors with the ordinary in-place methods and avoids
+temporaries (``out=``), which is faster on CPU. Both give the same numbers.
 
 An argument named ``scalars`` may be one number or one number per tensor.
+Reductions return a 1-D fp32 tensor with one value per list entry.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Union
 
 import torch
@@ -23,12 +26,29 @@ def _per_tensor(scalars: Scalars, i: int) -> float:
     return scalars[i] if isinstance(scalars, (list, tuple)) else scalars
 
 
+def _scalar_list(scalars: Scalars, n: int) -> list[float]:
+    return list(scalars) if isinstance(scalars, (list, tuple)) else [scalars] * n
+
+
+def _skip_empty(method):
+    """In-place list ops do nothing on an empty list (torch's foreach kernels reject one)."""
+
+    @functools.wraps(method)
+    def wrapper(self, xs, *args, **kwargs):
+        if xs:
+            method(self, xs, *args, **kwargs)
+
+    return wrapper
+
+
 class ListOps:
-    """In-place and reducing element-wise ops over tensor lists."""
+    """In-place, creating and reducing element-wise ops over tensor lists."""
 
     def __init__(self, foreach: bool):
         self.foreach = foreach
 
+    # ------------------------------------------------------------ in place
+    @_skip_empty
     def mul_(self, xs: TensorList, scalars: Scalars) -> None:
         """x_i <- x_i * c_i."""
         if self.foreach:
@@ -37,22 +57,43 @@ class ListOps:
             for i, x in enumerate(xs):
                 x.mul_(_per_tensor(scalars, i))
 
+    @_skip_empty
+    def div_scalar_(self, xs: TensorList, scalars: Scalars) -> None:
+        """x_i <- x_i / c_i."""
+        if self.foreach:
+            torch._foreach_div_(xs, scalars)
+        else:
+            for i, x in enumerate(xs):
+                x.div_(_per_tensor(scalars, i))
+
+    @_skip_empty
     def mul_tensors_(self, xs: TensorList, ys: TensorList) -> None:
-        """x_i <- x_i * y_i (element-wise)."""
+        """x_i <- x_i * y_i."""
         if self.foreach:
             torch._foreach_mul_(xs, ys)
         else:
             for x, y in zip(xs, ys):
                 x.mul_(y)
 
-    def div_tensors_(self, xs: TensorList, ys: TensorList) -> None:
-        """x_i <- x_i / y_i (element-wise)."""
+    @_skip_empty
+    def div_(self, xs: TensorList, ys: TensorList) -> None:
+        """x_i <- x_i / y_i."""
         if self.foreach:
             torch._foreach_div_(xs, ys)
         else:
             for x, y in zip(xs, ys):
                 x.div_(y)
 
+    @_skip_empty
+    def div_into_(self, xs: TensorList, ys: TensorList) -> None:
+        """y_i <- x_i / y_i (the quotient replaces the divisor)."""
+        if self.foreach:
+            torch._foreach_copy_(ys, torch._foreach_div(xs, ys))
+        else:
+            for x, y in zip(xs, ys):
+                torch.div(x, y, out=y)
+
+    @_skip_empty
     def add_scalar_(self, xs: TensorList, scalars: Scalars) -> None:
         """x_i <- x_i + c_i."""
         if self.foreach:
@@ -61,6 +102,7 @@ class ListOps:
             for i, x in enumerate(xs):
                 x.add_(_per_tensor(scalars, i))
 
+    @_skip_empty
     def add_(self, xs: TensorList, ys: TensorList, alpha: float = 1.0) -> None:
         """x_i <- x_i + alpha * y_i."""
         if self.foreach:
@@ -69,38 +111,34 @@ class ListOps:
             for x, y in zip(xs, ys):
                 x.add_(y, alpha=alpha)
 
-    def add(self, xs: TensorList, ys: TensorList, alpha: float = 1.0) -> TensorList:
-        """New list x_i + alpha * y_i."""
+    @_skip_empty
+    def add_scaled_(self, xs: TensorList, ys: TensorList, scalars: Scalars) -> None:
+        """x_i <- x_i + c_i * y_i (one coefficient per tensor)."""
         if self.foreach:
-            return list(torch._foreach_add(xs, ys, alpha=alpha))
-        return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
+            torch._foreach_add_(xs, torch._foreach_mul(ys, scalars))
+        else:
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                x.add_(y, alpha=_per_tensor(scalars, i))
 
-    def div(self, xs: TensorList, ys: TensorList) -> TensorList:
-        """New list x_i / y_i."""
-        if self.foreach:
-            return list(torch._foreach_div(xs, ys))
-        return [torch.div(x, y) for x, y in zip(xs, ys)]
-
-    def sub_(self, xs: TensorList, ys: TensorList) -> None:
-        """x_i <- x_i - y_i."""
-        self.add_(xs, ys, alpha=-1.0)
-
+    @_skip_empty
     def addcmul_(self, xs: TensorList, ys: TensorList, zs: TensorList, scalars: Scalars) -> None:
-        """x_i <- x_i + c_i * y_i * z_i."""
+        """x_i <- x_i + c_i * y_i * z_i (computed in x's dtype)."""
         if self.foreach:
-            torch._foreach_addcmul_(xs, ys, zs, scalars)
+            torch._foreach_addcmul_(xs, ys, zs, _scalar_list(scalars, len(xs)))
         else:
             for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
                 x.addcmul_(y, z, value=_per_tensor(scalars, i))
 
+    @_skip_empty
     def addcdiv_(self, xs: TensorList, ys: TensorList, zs: TensorList, scalars: Scalars) -> None:
         """x_i <- x_i + c_i * y_i / z_i."""
         if self.foreach:
-            torch._foreach_addcdiv_(xs, ys, zs, scalars)
+            torch._foreach_addcdiv_(xs, ys, zs, _scalar_list(scalars, len(xs)))
         else:
             for i, (x, y, z) in enumerate(zip(xs, ys, zs)):
                 x.addcdiv_(y, z, value=_per_tensor(scalars, i))
 
+    @_skip_empty
     def lerp_(self, xs: TensorList, ys: TensorList, weight: float) -> None:
         """x_i <- x_i + weight * (y_i - x_i)."""
         if self.foreach:
@@ -109,6 +147,7 @@ class ListOps:
             for x, y in zip(xs, ys):
                 x.lerp_(y, weight)
 
+    @_skip_empty
     def clamp_(self, xs: TensorList, low: float, high: float) -> None:
         """x_i <- min(max(x_i, low), high)."""
         if self.foreach:
@@ -118,6 +157,7 @@ class ListOps:
             for x in xs:
                 x.clamp_(low, high)
 
+    @_skip_empty
     def clamp_min_(self, xs: TensorList, low: float) -> None:
         """x_i <- max(x_i, low)."""
         if self.foreach:
@@ -125,6 +165,22 @@ class ListOps:
         else:
             for x in xs:
                 x.clamp_min_(low)
+
+    @_skip_empty
+    def copy_(self, xs: TensorList, ys: TensorList) -> None:
+        """x_i <- y_i."""
+        if self.foreach:
+            torch._foreach_copy_(xs, ys)
+        else:
+            for x, y in zip(xs, ys):
+                x.copy_(y)
+
+    # ------------------------------------------------------------ creating
+    def add(self, xs: TensorList, ys: TensorList, alpha: float = 1.0) -> TensorList:
+        """New list x_i + alpha * y_i."""
+        if self.foreach:
+            return list(torch._foreach_add(xs, ys, alpha=alpha))
+        return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
 
     def sqrt(self, xs: TensorList) -> TensorList:
         """New list sqrt(x_i)."""
@@ -134,19 +190,52 @@ class ListOps:
 
     def square_fp32(self, xs: TensorList) -> TensorList:
         """New fp32 list x_i^2 (inputs of any float dtype are squared in fp32)."""
-        xs32 = [x.float() for x in xs]
-        if self.foreach:
-            return list(torch._foreach_mul(xs32, xs32))
-        return [x * x for x in xs32]
+        if all(x.dtype == torch.float32 for x in xs):
+            if self.foreach:
+                return list(torch._foreach_mul(xs, xs))
+            return [torch.mul(x, x) for x in xs]
+        squares = [x.float() for x in xs]
+        self.mul_tensors_(squares, squares)
+        return squares
 
     def clone(self, xs: TensorList) -> TensorList:
         """New list of copies."""
         return [x.clone() for x in xs]
 
-    def norms(self, xs: TensorList, ord: float = 2.0) -> Tensor:
-        """Vector [len(xs)] of fp32 norms ||x_i||_ord (ord=1 on non-negative x is the sum)."""
+    # ---------------------------------------------------------- reductions
+    def sums(self, xs: TensorList) -> Tensor:
+        """[len(xs)] fp32 sums of non-negative tensors (the L1 norm, fused on accelerators)."""
         if not xs:
             return torch.zeros(0)
         if self.foreach:
-            return torch.stack(torch._foreach_norm(xs, ord, dtype=torch.float32))
-        return torch.stack([torch.linalg.vector_norm(x, ord, dtype=torch.float32) for x in xs])
+            return torch.stack(torch._foreach_norm(xs, 1, dtype=torch.float32))
+        return torch.stack([x.sum(dtype=torch.float32) for x in xs])
+
+    def sq_norms(self, xs: TensorList) -> Tensor:
+        """[len(xs)] fp32 squared L2 norms ||x_i||^2."""
+        if not xs:
+            return torch.zeros(0)
+        if self.foreach:
+            return torch.stack(torch._foreach_norm(xs, 2, dtype=torch.float32)).square()
+        return torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in xs]).square()
+
+    def count_le(self, xs: TensorList, bound: float) -> Tensor:
+        """[len(xs)] counts of elements <= bound, for xs already clamped to [bound, ...]."""
+        if not xs:
+            return torch.zeros(0)
+        if self.foreach:  # sign(x - bound) is 1 above the bound, 0 at it: three launches for the list
+            above = torch._foreach_sub(xs, bound)
+            torch._foreach_sign_(above)
+            return torch.tensor([x.numel() for x in xs], device=xs[0].device) - self.sums(above)
+        return torch.stack([torch.count_nonzero(x <= bound) for x in xs]).float()
+
+    def count_ge(self, xs: TensorList, bound: float) -> Tensor:
+        """[len(xs)] counts of elements >= bound, for xs already clamped to [..., bound]."""
+        if not xs:
+            return torch.zeros(0)
+        if self.foreach:
+            below = torch._foreach_sub(xs, bound)
+            torch._foreach_neg_(below)
+            torch._foreach_sign_(below)
+            return torch.tensor([x.numel() for x in xs], device=xs[0].device) - self.sums(below)
+        return torch.stack([torch.count_nonzero(x >= bound) for x in xs]).float()

@@ -9,9 +9,10 @@ number of samples n, and the scale c with ``p.grad = c * (sum of samples)``.
 each parameter sees that backward's gradient g and adds g^2 into Q; a
 post-accumulate hook records ||p.grad|| after the backward. At step time
 ``c = ||p.grad|| / ||p.grad at capture||`` picks up any uniform rescaling the
-user applied after backward (``GradScaler.unscale_``, ``clip_grad_norm_``,
-division by the number of micro-batches), so m and s keep the same units.
-An element-wise change of p.grad (``clip_grad_value_``) is not detected.
+user applied after backward (``GradScaler.unscale_``,
+``clip_grad_norm_``, division by the number of micro-batches), so m and s
+keep the same units. An element-wise change of p.grad (``clip_grad_value_``)
+is not detected.
 
 A new step's collection starts after ``optimizer.step()`` or
 ``optimizer.zero_grad()``, or at the first backward that finds ``p.grad is
@@ -39,8 +40,8 @@ class MomentSource(Protocol):
     def sq_sum(self, param: Tensor) -> Optional[Tensor]:
         """Q for ``param`` (fp32, param's shape), or None if it saw no sample."""
 
-    def grad_scales(self, params: list[Tensor], grad_norms: list[float]) -> list[float]:
-        """c per owned tensor, such that its grad = c * (sum of its samples), given ||grad|| now."""
+    def grad_scales(self, params: list[Tensor]) -> list[float]:
+        """c per owned tensor, such that its grad = c * (sum of its samples)."""
 
     def step_done(self) -> None:
         """The optimizer finished a step() call (one param group under DeepSpeed ZeRO)."""
@@ -92,9 +93,12 @@ class BackwardHookMoments:
                 fresh = capture.generation != self._generation or param.grad is None
                 if capture.sq is None:
                     capture.sq = torch.zeros_like(param, dtype=torch.float32)
-                if fresh:
+                if fresh and grad.dtype == torch.float32:
+                    torch.mul(grad, grad, out=capture.sq)
+                elif fresh:  # square low-precision gradients in fp32
                     capture.sq.copy_(grad)
                     capture.sq.mul_(capture.sq)
+                if fresh:
                     capture.count = 0
                     capture.generation = self._generation
                 else:
@@ -125,13 +129,17 @@ class BackwardHookMoments:
         capture = self._current(param)
         return None if capture is None else capture.sq
 
-    def grad_scales(self, params: list[Tensor], grad_norms: list[float]) -> list[float]:
+    def grad_scales(self, params: list[Tensor]) -> list[float]:
+        """||p.grad|| now / at capture (one read of the gradients: in-place rescaling such as
+        GradScaler's unscale kernel need not bump the version counter, so it cannot be skipped)."""
         captured = [self._current(p) for p in params]
         known = [i for i, c in enumerate(captured) if c is not None and c.grad_norm is not None]
-        then = torch.stack([captured[i].grad_norm for i in known]).tolist() if known else []
         scales = [1.0] * len(params)
-        for i, norm_then in zip(known, then):
-            scales[i] = grad_norms[i] / norm_then if norm_then > 0.0 else 1.0
+        if known:
+            now = torch.stack([torch.linalg.vector_norm(params[i].grad, dtype=torch.float32) for i in known])
+            then = torch.stack([captured[i].grad_norm for i in known])
+            for i, norm_now, norm_then in zip(known, now.tolist(), then.tolist()):
+                scales[i] = norm_now / norm_then if norm_then > 0.0 else 1.0
         return scales
 
     def reset(self) -> None:

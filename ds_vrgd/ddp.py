@@ -50,9 +50,9 @@ class DDPMoments(BackwardHookMoments):
     def num_samples(self) -> int:
         return super().num_samples() * self.world_size
 
-    def grad_scales(self, params: list[Tensor], grad_norms: list[float]) -> list[float]:
+    def grad_scales(self, params: list[Tensor]) -> list[float]:
         """p.grad = (user rescale) x (rank average of the sample sums)."""
-        return [c / self.world_size for c in super().grad_scales(params, grad_norms)]
+        return [c / self.world_size for c in super().grad_scales(params)]
 
     def bucket_squares(self, params: list[Tensor]) -> Tensor:
         """[sum numel] fp32: this rank's sums of squared samples of the bucket's parameters."""

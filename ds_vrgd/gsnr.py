@@ -1,11 +1,11 @@
 """GSNR math on lists of tensor pieces: moments -> bounded factor rho, statistics.
 
 This module knows no optimizer and no DeepSpeed. Its inputs are *pieces*:
-1-D or N-D tensors that each belong to one *layer* (one parameter tensor W of
-the model). A piece is a whole parameter in plain PyTorch, or the slice of a
-parameter that lies in this rank's ZeRO partition. A :class:`LayerTable` says
-which layer each piece belongs to, how many elements each layer has in total,
-and how to sum a small per-layer vector across ranks, so that per-layer
+tensors that each belong to one *layer* (one parameter tensor W of the
+model). A piece is a whole parameter, a cache-sized tile of one, or the slice
+of a parameter that lies in this rank's ZeRO partition. A :class:`LayerTable`
+says which layer each piece belongs to, how many elements each layer has in
+total, and how to sum a small per-layer vector across ranks, so per-layer
 quantities are exact even when a layer is split between ranks.
 
 For one layer with J elements and n gradient samples g^(1..n) (DESIGN.md §2)::
@@ -19,8 +19,16 @@ For one layer with J elements and n gradient samples g^(1..n) (DESIGN.md §2)::
 
 Inputs are the *sums* G = c * sum_i g^(i) (the gradient as the optimizer sees
 it, up to a known scale c: loss scale, 1/world_size, clipping) and
-Q = sum_i (g^(i))^2 at the scale of the samples. Then m = G / (c n) and
-s = Q / n: any common scaling of the samples cancels in r, as it must.
+Q = sum_i (g^(i))^2 at the scale of the samples. With a = 1 / (c n), m = a G
+and s = Q / n, so any common scaling of the samples cancels in r, as it must.
+
+The computation runs in two phases around one cross-rank reduction:
+
+1. :func:`gsnr_ratio` (element-wise, per piece): with z = n a^2,
+   ``r / z = G^2 / (max(Q - z G^2, 0) + n eps)`` and per-piece partial sums;
+2. the caller sums the partials per layer (:meth:`LayerTable.layer_sums`),
+   then :func:`bound_factor_` turns r / z into rho in place with one scalar
+   per piece, z / mean_k(r_k), and counts the elements at the bounds.
 
 An element with v = 0 gets r = m^2 / eps_gsnr (finite in fp32 for |m| < ~1e9);
 a layer whose sum of r is not finite or is 0 gets q = 1.
@@ -40,8 +48,8 @@ from ds_vrgd._tensor_lists import ListOps, TensorList
 Reduce = Callable[[Tensor], None]
 """In-place SUM of a small fp32 tensor across the ranks that share the layers."""
 
-# Rows of the per-layer sums computed in one pass of :func:`gsnr_ratio`.
-SUM_R, SUM_M2, SUM_V = 0, 1, 2
+# Rows of the per-piece partial sums of :func:`gsnr_ratio`.
+SUM_R, SUM_M2, SUM_V, GRAD_SQ = 0, 1, 2, 3
 
 
 @dataclass
@@ -75,19 +83,9 @@ class LayerTable:
             self.reduce(sums)
         return sums
 
-    def per_piece(self, layer_values: Sequence[float]) -> list[float]:
-        """[L] values -> [P] values, each piece taking its layer's value."""
-        return [layer_values[layer] for layer in self.piece_layer]
-
-    def subset(self, pieces: Sequence[int]) -> "LayerTable":
-        """The table of the pieces at the given indices (same layers, same reduce)."""
-        return LayerTable(
-            [self.piece_layer[i] for i in pieces],
-            self.layer_numel,
-            self.layer_ndim,
-            self.layer_names,
-            self.reduce,
-        )
+    def per_piece(self, layer_values: Sequence, pieces: slice = slice(None)) -> list:
+        """[L] values -> one value per piece (of all pieces, or of a slice of them)."""
+        return [layer_values[layer] for layer in self.piece_layer[pieces]]
 
 
 def factor_bounds(gamma: float) -> tuple[float, float]:
@@ -95,41 +93,48 @@ def factor_bounds(gamma: float) -> tuple[float, float]:
     return max(0.0, 1.0 - gamma), 1.0 + gamma
 
 
-def gsnr_ratio(
-    grads: TensorList,
-    sq_sums: TensorList,
-    grad_sq_norms: Tensor,
-    mean_scales: Sequence[float],
-    n: int,
-    eps_gsnr: float,
-    ops: ListOps,
-) -> tuple[TensorList, Tensor]:
-    """Per-element GSNR r of each piece and its per-piece partial sums.
+@dataclass
+class GsnrRatio:
+    """Phase-1 result for a list of pieces.
 
-    grads[p]:         G, any float dtype, = c_p * sum of samples.
-    sq_sums[p]:       Q (fp32, same shape) = sum of squared samples. Overwritten
-                      (it is scratch after this call).
-    grad_sq_norms[p]: ||G_p||^2 (the caller has it from its finiteness check).
-    mean_scales[p]:   a_p = 1 / (c_p * n), so that m = a_p * G.
-    Returns (r, partial) with r a new fp32 list and partial a [3, P] tensor of
-    sum_j r_j, sum_j m_j^2 and sum_j v_j per piece (rows SUM_R, SUM_M2, SUM_V).
-
-    Computed in units of G to save passes: with u = G^2 and w = Q / (n a^2),
-    v = a^2 max(w - u, 0) and r = u / (max(w - u, 0) + eps / a^2). Seven
-    element-wise passes (square, scale, subtract, clamp, add, divide) and two
-    sums (of v and of r).
+    ratio:   [P] fp32 tensors r / z (new tensors; :func:`bound_factor_` turns them into rho).
+    scale:   [P] z = n a^2 of each piece, so that r = z * ratio.
+    partial: [4, P] per-piece sums of r, m^2, v and G^2 (rows SUM_R, SUM_M2, SUM_V, GRAD_SQ).
     """
-    inv_a2 = [1.0 / (a * a) if a > 0.0 else 1.0 for a in mean_scales]
-    a2 = torch.tensor([1.0 / k for k in inv_a2], dtype=torch.float32, device=grad_sq_norms.device)
+
+    ratio: TensorList
+    scale: list[float]
+    partial: Tensor
+
+
+def gsnr_ratio(
+    grads: TensorList, sq_sums: TensorList, mean_scales: Sequence[float], n: int, eps_gsnr: float, ops: ListOps
+) -> GsnrRatio:
+    """Phase 1: per-element r / z of each piece and the per-piece partial sums.
+
+    grads[p]:       G, any float dtype, = c_p * sum of samples.
+    sq_sums[p]:     Q (fp32, same shape) = sum of squared samples. Overwritten
+                    (it is scratch after this call).
+    mean_scales[p]: a_p = 1 / (c_p * n), so that m = a_p * G.
+
+    With z = n a^2: v = max(Q - z G^2, 0) / n and r = z G^2 / (n v + n eps), so
+    ``ratio = G^2 / (max(Q - z G^2, 0) + n eps)``. Element-wise passes: square,
+    scaled subtract, clamp, add, divide, and three sums (G^2, v, ratio).
+    """
+    z = [n * a * a for a in mean_scales]
     u = ops.square_fp32(grads)
-    ops.mul_(sq_sums, [k / n for k in inv_a2])  # w = s / a^2
-    ops.sub_(sq_sums, u)
-    ops.clamp_min_(sq_sums, 0.0)  # v / a^2
-    sum_v = ops.norms(sq_sums, 1).to(a2.device) * a2
-    ops.add_scalar_(sq_sums, [eps_gsnr * k for k in inv_a2])
-    ops.div_tensors_(u, sq_sums)  # r = m^2 / (v + eps)
-    sum_r = ops.norms(u, 1).to(a2.device)
-    return u, torch.stack([sum_r, grad_sq_norms.float() * a2, sum_v])
+    grad_sq = ops.sums(u)
+    ops.add_scaled_(sq_sums, u, [-k for k in z])  # Q - z G^2 = n v (before clamping)
+    ops.clamp_min_(sq_sums, 0.0)
+    sum_nv = ops.sums(sq_sums)
+    ops.add_scalar_(sq_sums, n * eps_gsnr)
+    ops.div_(u, sq_sums)
+    sum_ratio = ops.sums(u)
+    device = grad_sq.device
+    z_t = torch.tensor(z, dtype=torch.float32, device=device)
+    a2 = torch.tensor([a * a for a in mean_scales], dtype=torch.float32, device=device)
+    partial = torch.stack([sum_ratio * z_t, grad_sq * a2, sum_nv / n, grad_sq])
+    return GsnrRatio(u, z, partial)
 
 
 def layer_normalisers(sum_r: Sequence[float], layer_numel: Sequence[int]) -> list[Optional[float]]:
@@ -141,44 +146,47 @@ def layer_normalisers(sum_r: Sequence[float], layer_numel: Sequence[int]) -> lis
     return out
 
 
-def normalise_(r: TensorList, piece_normalisers: Sequence[Optional[float]], ops: ListOps) -> None:
-    """In place r -> q = r / mean_k(r_k); pieces of a layer without a usable mean get q = 1."""
-    scaled = [i for i, inv in enumerate(piece_normalisers) if inv is not None]
-    ops.mul_([r[i] for i in scaled], [piece_normalisers[i] for i in scaled])
-    for i, inv in enumerate(piece_normalisers):
-        if inv is None:
-            r[i].fill_(1.0)
+def bound_factor_(
+    ratio: TensorList,
+    scales: Sequence[Optional[float]],
+    gamma: float,
+    ops: ListOps,
+    ema: Optional[tuple[TensorList, float, Sequence[int]]] = None,
+) -> Tensor:
+    """Phase 2, in place: ratio -> rho; returns [2, P] counts of elements at the lower/upper bound.
 
-
-def ema_(q: TensorList, ema: TensorList, beta: float, ema_steps: int, ops: ListOps) -> None:
-    """EMA of q across steps: ema <- beta*ema + (1-beta)*q; q <- ema / (1 - beta^t) (bias-corrected)."""
-    ops.lerp_(ema, q, 1.0 - beta)
-    for q_piece, ema_piece in zip(q, ema):
-        q_piece.copy_(ema_piece)
-    ops.mul_(q, 1.0 / (1.0 - beta**ema_steps))
-
-
-def bound_counts(rho: TensorList, low: float, high: float) -> Tensor:
-    """[2, P] counts of elements of each piece at the lower and at the upper bound."""
-    if not rho:
-        return torch.zeros(2, 0)
-    at_low = torch.stack([(x <= low).sum() for x in rho])
-    at_high = torch.stack([(x >= high).sum() for x in rho])
-    return torch.stack([at_low, at_high]).float()
+    scales[p] = z_p / mean_k(r_k) of the piece's layer (q = ratio * scale), or
+    None for a layer without a usable mean (q = 1). ``ema = (buffers, beta, t)``
+    (t: the EMA step count of each piece) replaces q by its bias-corrected EMA
+    across steps: buffers <- beta*buffers + (1-beta)*q; q <- buffers / (1 - beta^t).
+    """
+    scaled = [i for i, s in enumerate(scales) if s is not None]
+    ops.mul_([ratio[i] for i in scaled], [scales[i] for i in scaled])
+    for i, scale in enumerate(scales):
+        if scale is None:
+            ratio[i].fill_(1.0)
+    if ema is not None:
+        buffers, beta, t = ema
+        ops.lerp_(buffers, ratio, 1.0 - beta)
+        ops.copy_(ratio, buffers)
+        ops.div_scalar_(ratio, [1.0 - beta**steps for steps in t])
+    low, high = factor_bounds(gamma)
+    ops.clamp_(ratio, low, high)
+    return torch.stack([ops.count_le(ratio, low), ops.count_ge(ratio, high)]).float()
 
 
 def rho_from_moments(mean: Tensor, second_moment: Tensor, gamma: float, eps_gsnr: float = 1e-20) -> Tensor:
     """rho for one layer from its mean m and second moment s (same shape), in fp32.
 
-    Reference entry point for the math above (one piece, one layer, no ranks).
+    Reference entry point for the math above (one piece, one layer, one sample
+    of scale 1, so z = 1, G = m and Q = s).
     """
     ops = ListOps(foreach=False)
-    sq = [second_moment.float().clone()]
-    mean_norm = torch.linalg.vector_norm(mean.float()).reshape(1)
-    r, partial = gsnr_ratio([mean], sq, mean_norm**2, [1.0], 1, eps_gsnr, ops)
-    normalise_(r, layer_normalisers([partial[SUM_R, 0].item()], [mean.numel()]), ops)
-    ops.clamp_(r, *factor_bounds(gamma))
-    return r[0]
+    phase1 = gsnr_ratio([mean.float()], [second_moment.float().clone()], [1.0], 1, eps_gsnr, ops)
+    normaliser = layer_normalisers([phase1.partial[SUM_R, 0].item()], [mean.numel()])[0]
+    scale = None if normaliser is None else phase1.scale[0] * normaliser
+    bound_factor_(phase1.ratio, [scale], gamma, ops)
+    return phase1.ratio[0]
 
 
 @dataclass

@@ -166,7 +166,7 @@ class PartitionedMoments:
         """The engine rescaled owner's gradient by ``scale`` after reduction (unscale, clipping)."""
         self._grad_scale[id(owner)] = scale
 
-    def grad_scales(self, params: list[Tensor], grad_norms: list[float]) -> list[float]:
+    def grad_scales(self, params: list[Tensor]) -> list[float]:
         """c = (engine rescale) / world_size: the gradient is the rank-average of the sample sums."""
         return [self._grad_scale.get(id(p), 1.0) / self.world_size for p in params]
 

@@ -180,3 +180,17 @@ def test_gamma_per_param_group(name):
     params, _ = run_impl(problem, OPTS[name], param_arg=groups, **base)
     ref = run_reference(problem, name, groups=groups(problem.init), **base)
     _assert_close(params, ref.params)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cache_tiles_match_reference(monkeypatch, name, foreach):
+    """Tiles smaller than the tensors (a layer's sums gathered from several tiles, several
+    tensors' tiles in one block) and both op paths give the reference's result."""
+    monkeypatch.setattr("ds_vrgd.optim._base.CPU_TILE_NUMEL", 5)
+    problem = Problem("direct", shapes=((7,), (5, 6), (4, 3), (2,)), n=3, steps=4, seed=17)
+    hyper = dict(CONFIGS[name][-1], gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        params, _ = run_impl(problem, OPTS[name], foreach=foreach, **hyper)
+    _assert_close(params, run_reference(problem, name, **hyper).params)

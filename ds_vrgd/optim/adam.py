@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import GroupPieces, VROptimizer, reject_unknown, validate_betas, validate_eps
+from ds_vrgd.optim._base import Block, VROptimizer, reject_unknown, validate_betas, validate_eps
 
 
 class VRAdam(VROptimizer):
@@ -46,17 +46,17 @@ class VRAdam(VROptimizer):
         )
         super().__init__(params, defaults, foreach)
 
-    def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
-        params, lr, wd = pieces.params, group["lr"], group["weight_decay"]
+    def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> None:
+        params, lr, wd = block.params, group["lr"], group["weight_decay"]
         if self.decoupled_weight_decay:
             ops.mul_(params, 1.0 - lr * wd)
-            direction = pieces.grads
+            direction = block.grads
         else:
-            direction = ops.add(pieces.grads, params, alpha=wd) if wd else pieces.grads
-        exp_avg, denom, bias_correction1 = self._adam_moments(pieces, direction, ops)
+            direction = ops.add(block.grads, params, alpha=wd) if wd else block.grads
+        exp_avg, denom = self._adam_moments(group, block, direction, ops)
         if rho is not None:
-            ops.div_tensors_(denom, rho)  # rho = 0 gives denom = inf: no step
-        ops.addcdiv_(params, exp_avg, denom, -lr / bias_correction1)
+            ops.div_(denom, rho)  # rho = 0 gives denom = inf: no step
+        ops.addcdiv_(params, exp_avg, denom, [-lr / c for c in self._bias_correction1(group, block)])
 
 
 class VRAdamW(VRAdam):

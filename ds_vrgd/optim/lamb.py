@@ -36,10 +36,11 @@ from typing import Iterable, Optional
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
 from ds_vrgd.optim._base import (
-    GroupPieces,
+    Block,
     VROptimizer,
     _check_range,
     reject_unknown,
+    trust_ratio,
     validate_betas,
     validate_eps,
 )
@@ -77,16 +78,19 @@ class VRLAMB(VROptimizer):
         )
         super().__init__(params, defaults, foreach)
 
-    def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
-        params, wd = pieces.params, group["weight_decay"]
-        exp_avg, denom, bias_correction1 = self._adam_moments(pieces, pieces.grads, ops)
-        update = ops.div(exp_avg, denom)
-        ops.mul_(update, 1.0 / bias_correction1)
-        if wd:
-            decayed = self._decayed_pieces(pieces, group["exclude_1d"])
-            ops.add_([update[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
+    uses_layer_norms = True
+
+    def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> None:
+        exp_avg, update = self._adam_moments(group, block, block.grads, ops)
+        ops.div_into_(exp_avg, update)  # m / (sqrt(v_hat) + eps)
+        ops.div_scalar_(update, self._bias_correction1(group, block))
+        self._add_weight_decay_(group, block, update, ops)
         if rho is not None:
             ops.mul_tensors_(update, rho)
-        trust = self._trust_ratios(pieces, update, ops, group["exclude_1d"], max_ratio=group["max_trust_ratio"])
-        ops.mul_(update, [-group["lr"] * r for r in trust])
-        ops.add_(params, update)
+        block.update = update
+
+    def _trust_ratio(self, group: dict, weight_norm: float, update_norm: float) -> float:
+        return trust_ratio(weight_norm, update_norm, max_ratio=group["max_trust_ratio"])
+
+    def _apply(self, group: dict, block: Block, trust: list[float], ops: ListOps) -> None:
+        ops.add_scaled_(block.params, block.update, [-group["lr"] * r for r in trust])

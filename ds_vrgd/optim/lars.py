@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import GroupPieces, VROptimizer, _check_range, reject_unknown
+from ds_vrgd.optim._base import Block, VROptimizer, _check_range, reject_unknown, trust_ratio
 
 
 class VRLARS(VROptimizer):
@@ -60,23 +60,28 @@ class VRLARS(VROptimizer):
         )
         super().__init__(params, defaults, foreach)
 
-    def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
-        params, wd, mu = pieces.params, group["weight_decay"], group["momentum"]
-        update = ops.clone(pieces.grads)
-        if wd:
-            decayed = self._decayed_pieces(pieces, group["exclude_1d"])
-            ops.add_([update[i] for i in decayed], [params[i] for i in decayed], alpha=wd)
+    uses_layer_norms = True
+
+    def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> None:
+        update = ops.clone(block.grads)
+        self._add_weight_decay_(group, block, update, ops)
         if rho is not None:
             ops.mul_tensors_(update, rho)
-        trust = self._trust_ratios(pieces, update, ops, group["exclude_1d"], group["trust_coefficient"])
-        ops.mul_(update, trust)
+        block.update = update
+
+    def _trust_ratio(self, group: dict, weight_norm: float, update_norm: float) -> float:
+        return trust_ratio(weight_norm, update_norm, coefficient=group["trust_coefficient"])
+
+    def _apply(self, group: dict, block: Block, trust: list[float], ops: ListOps) -> None:
+        update, mu = block.update, group["momentum"]
         if mu:
-            buffers = pieces.state("momentum_buffer")
-            if pieces.step() > 1:
-                ops.mul_(buffers, mu)
-                ops.add_(buffers, update)
-            else:
-                for buf, u in zip(buffers, update):
-                    buf.copy_(u)
-            update = buffers
-        ops.add_(params, update, alpha=-group["lr"])
+            buffers = block.state("momentum_buffer")
+            first = [i for i, t in enumerate(block.steps) if t == 1]
+            later = [i for i, t in enumerate(block.steps) if t > 1]
+            ops.copy_([buffers[i] for i in first], [update[i] for i in first])
+            ops.mul_([buffers[i] for i in first], [trust[i] for i in first])
+            ops.mul_([buffers[i] for i in later], mu)
+            ops.add_scaled_([buffers[i] for i in later], [update[i] for i in later], [trust[i] for i in later])
+            ops.add_(block.params, buffers, alpha=-group["lr"])
+        else:
+            ops.add_scaled_(block.params, update, [-group["lr"] * r for r in trust])

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import GroupPieces, VROptimizer, _check_range, reject_unknown
+from ds_vrgd.optim._base import Block, VROptimizer, _check_range, reject_unknown
 
 
 class VRSGD(VROptimizer):
@@ -47,17 +47,16 @@ class VRSGD(VROptimizer):
         )
         super().__init__(params, defaults, foreach)
 
-    def _update(self, group: dict, pieces: GroupPieces, rho: Optional[TensorList], ops: ListOps) -> None:
-        params, wd, mu = pieces.params, group["weight_decay"], group["momentum"]
-        direction = ops.add(pieces.grads, params, alpha=wd) if wd else pieces.grads
+    def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> None:
+        params, wd, mu = block.params, group["weight_decay"], group["momentum"]
+        direction = ops.add(block.grads, params, alpha=wd) if wd else block.grads
         if mu:
-            buffers = pieces.state("momentum_buffer")
-            if pieces.step() == 1:
-                for buf, d in zip(buffers, direction):
-                    buf.copy_(d)
-            else:
-                ops.mul_(buffers, mu)
-                ops.add_(buffers, direction, alpha=1.0 - group["dampening"])
+            buffers = block.state("momentum_buffer")
+            first = [i for i, t in enumerate(block.steps) if t == 1]
+            later = [i for i, t in enumerate(block.steps) if t > 1]
+            ops.copy_([buffers[i] for i in first], [direction[i] for i in first])
+            ops.mul_([buffers[i] for i in later], mu)
+            ops.add_([buffers[i] for i in later], [direction[i] for i in later], alpha=1.0 - group["dampening"])
             direction = ops.add(direction, buffers, alpha=mu) if group["nesterov"] else buffers
         if rho is None:
             ops.add_(params, direction, alpha=-group["lr"])
