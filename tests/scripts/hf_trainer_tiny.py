@@ -2,6 +2,7 @@
 
 Run under `deepspeed` (config passed as TrainingArguments(deepspeed=...), --via-args)
 or under `accelerate launch --use_deepspeed --deepspeed_config_file ...`.
+``ds_vrgd.hf.add_gsnr`` puts the GSNR statistics into the Trainer's logs.
 Rank 0 writes a JSON result to argv[1].
 """
 
@@ -12,7 +13,7 @@ import sys
 import torch
 from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
 
-import ds_vrgd  # noqa: F401  the one line a user adds
+import ds_vrgd.hf  # imports ds_vrgd: the VR types are registered with DeepSpeed
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "hf_auto_zero2_vrlamb.json")
 
@@ -37,15 +38,18 @@ def main(out: str, via_args: bool) -> None:
                              adam_beta2=0.98, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                              deepspeed=CONFIG if via_args else None)
     trainer = Trainer(model=model, args=args, train_dataset=RandomMLM())
+    ds_vrgd.hf.add_gsnr(trainer)
     trainer.train()
     optimizer = trainer.deepspeed.vr_optimizer
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    logged = [log for log in trainer.state.log_history if "loss" in log]
     if trainer.args.process_index == 0:
         group = optimizer.param_groups[0]
         with open(out, "w") as f:
             json.dump({"optimizer": type(optimizer).__name__, "n": optimizer.gsnr_stats()["n"],
                        "betas": list(group["betas"]), "weight_decay": group["weight_decay"],
-                       "world_size": trainer.args.world_size, "losses": losses}, f)
+                       "world_size": trainer.args.world_size, "losses": [log["loss"] for log in logged],
+                       "gsnr_logs": [{key: log.get(key) for key in ds_vrgd.hf.LOG_KEYS} for log in logged],
+                       "last_gsnr_mean": optimizer.gsnr_stats()["gsnr_mean"]}, f)
 
 
 if __name__ == "__main__":

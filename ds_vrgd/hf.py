@@ -1,0 +1,188 @@
+"""Hugging Face Trainer helpers: GSNR samples across ranks and GSNR logs; none of the math.
+
+One line after building the Trainer::
+
+    trainer = Trainer(model=model, args=args, ...)
+    ds_vrgd.hf.add_gsnr(trainer)
+    trainer.train()
+
+:func:`add_gsnr` checks the optimizer choice at once (:func:`check_optimizer_choice`)
+and puts :class:`GsnrCallback` first among the Trainer's callbacks. At train
+begin the callback finds the VR optimizer and, when Trainer wrapped the model
+in torch DDP (``accelerate launch`` / ``torchrun`` without DeepSpeed),
+installs the comm hook of :func:`ds_vrgd.ddp.enable_gsnr`, so that
+n = world_size x gradient_accumulation_steps. Under DeepSpeed the ds_config
+adapter already collects every rank's samples, and a single process needs
+nothing (each accumulation micro-batch is a backward pass the optimizer
+sees). At every training log the callback adds ``gsnr_mean``,
+``gsnr_frac_low``, ``gsnr_frac_high``, ``gsnr_n`` and ``b_simple`` (one
+sample = ``per_device_train_batch_size`` examples) of the last optimizer
+step, before the reporting callbacks (TensorBoard, W&B) see the log, and to
+``trainer.state.log_history``.
+
+Choosing a VR optimizer: with DeepSpeed, name it in the ds_config
+(``"optimizer": {"type": "VRLAMB", ...}``; ``import ds_vrgd`` registers the
+types) or remove the ds_config's optimizer section and pass
+``optimizer_cls_and_kwargs``; without DeepSpeed,
+``Trainer(optimizer_cls_and_kwargs=(VRLAMB, {...}))`` (Trainer builds its
+weight-decay / no-decay param groups) or ``optimizers=(VRLAMB(...), None)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch.nn.parallel import DistributedDataParallel
+from transformers import Trainer, TrainerCallback
+
+from ds_vrgd.ddp import enable_gsnr
+from ds_vrgd.optim import VROptimizer
+
+LOG_KEYS = {"gsnr_mean": "gsnr_mean", "gsnr_frac_low": "frac_low", "gsnr_frac_high": "frac_high", "gsnr_n": "n",
+            "b_simple": "b_simple"}
+"""Log key -> key of :meth:`VROptimizer.gsnr_stats` (the names DeepSpeed's monitor uses too)."""
+
+PREFIX = "ds_vrgd.hf.add_gsnr: "
+HOW_TO_CHOOSE = (
+    'name a VR type in the DeepSpeed config ("optimizer": {"type": "VRLAMB", "params": {...}}, after import ds_vrgd) '
+    "or, without DeepSpeed, pass Trainer(optimizer_cls_and_kwargs=(VRLAMB, {...}))"
+)
+
+
+def find_vr_optimizer(optimizer=None, model=None) -> Optional[VROptimizer]:
+    """The ds_vrgd optimizer behind a Trainer's optimizer or wrapped model, or None.
+
+    Looks at a DeepSpeed engine's ``vr_optimizer``, then follows ``.optimizer``
+    through wrappers (accelerate's AcceleratedOptimizer and others).
+    """
+    if isinstance(getattr(model, "vr_optimizer", None), VROptimizer):
+        return model.vr_optimizer
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        if isinstance(optimizer, VROptimizer):
+            return optimizer
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def gsnr_logs(optimizer: VROptimizer, micro_batch_size: Optional[int]) -> dict[str, float]:
+    """The last step's GSNR statistics under :data:`LOG_KEYS` ({} before a step with n >= 2)."""
+    stats = optimizer.gsnr_stats(micro_batch_size)
+    if stats["n"] < 2:
+        return {}
+    return {key: float(stats[name]) for key, name in LOG_KEYS.items() if stats[name] is not None}
+
+
+def _given_to_trainer(trainer: Trainer) -> Optional[tuple[str, type]]:
+    """The optimizer the user gave Trainer itself: (how, class), or None (Trainer builds args.optim)."""
+    if trainer.optimizer is not None:
+        cls = type(trainer.optimizer)
+        return f"optimizers=({cls.__name__}(...), ...)", cls
+    cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)  # absent in older transformers
+    if cls_and_kwargs is not None:
+        cls = cls_and_kwargs[0]
+        return f"optimizer_cls_and_kwargs=({getattr(cls, '__name__', cls)}, ...)", cls
+    return None
+
+
+def _deepspeed_optimizer(trainer: Trainer) -> Optional[str]:
+    """The optimizer type the DeepSpeed config names (None: no DeepSpeed, or no optimizer section)."""
+    if not trainer.is_deepspeed_enabled:
+        return None
+    return trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("optimizer", {}).get("type")
+
+
+def _optim_name(trainer: Trainer) -> str:
+    """TrainingArguments.optim as the user writes it (``adamw_torch_fused``)."""
+    return getattr(trainer.args.optim, "value", trainer.args.optim)
+
+
+def _is_vr(cls) -> bool:
+    return isinstance(cls, type) and issubclass(cls, VROptimizer)
+
+
+def check_optimizer_choice(trainer: Trainer) -> None:
+    """Raise ValueError, naming the fix, unless ``trainer`` will train with a VR optimizer.
+
+    Under DeepSpeed, Trainer builds the optimizer the ds_config names and
+    silently drops one given to Trainer; without an optimizer section it drops
+    ``optimizers=`` too and uses ``optimizer_cls_and_kwargs`` or its default.
+    """
+    given = _given_to_trainer(trainer)
+    named = _deepspeed_optimizer(trainer)
+    if named is not None and given is not None:
+        raise ValueError(
+            f"{PREFIX}Trainer got {given[0]} and the DeepSpeed config also names optimizer {named!r}; Trainer "
+            f"would silently train with {named!r}. Use one: drop the Trainer argument and name the VR type in the "
+            'ds_config ("optimizer": {"type": "VRLAMB", ...}), or remove the ds_config\'s "optimizer" section and '
+            "pass optimizer_cls_and_kwargs=(VRLAMB, {...})"
+        )
+    if named is not None:
+        from ds_vrgd.deepspeed import VR_OPTIMIZERS
+
+        if named.lower() not in VR_OPTIMIZERS:
+            names = ", ".join(cls.__name__ for cls in VR_OPTIMIZERS.values())
+            raise ValueError(f"{PREFIX}the DeepSpeed config names optimizer {named!r}, not a VR type ({names}); "
+                             f"{HOW_TO_CHOOSE}")
+        return
+    if trainer.is_deepspeed_enabled and trainer.optimizer is not None:
+        raise ValueError(
+            f"{PREFIX}Trainer got {given[0]} under DeepSpeed, which drops it and builds its default optimizer "
+            f"(optim={_optim_name(trainer)}); name the VR type in the ds_config "
+            '("optimizer": {"type": "VRLAMB", ...}) or pass optimizer_cls_and_kwargs=(VRLAMB, {...})'
+        )
+    if given is None:
+        raise ValueError(f"{PREFIX}Trainer would build its default optimizer (optim={_optim_name(trainer)}), "
+                         f"not a VR one; {HOW_TO_CHOOSE}")
+    if not _is_vr(given[1]):
+        raise ValueError(f"{PREFIX}Trainer got {given[0]}, not a ds_vrgd VR optimizer; {HOW_TO_CHOOSE}")
+
+
+class GsnrCallback(TrainerCallback):
+    """Sets up the GSNR samples at train begin and adds the statistics to every training log.
+
+    Must come before the reporting callbacks (:func:`add_gsnr` puts it first).
+    """
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.optimizer: Optional[VROptimizer] = None
+        self._hooked: Optional[DistributedDataParallel] = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Find the VR optimizer; on torch DDP install the comm hook that reduces the squared samples."""
+        wrapped = self.trainer.model_wrapped
+        self.optimizer = find_vr_optimizer(self.trainer.optimizer, wrapped)
+        if self.optimizer is None:
+            raise ValueError(f"{PREFIX}Trainer built {type(self.trainer.optimizer).__name__}, "
+                             f"not a VR optimizer; {HOW_TO_CHOOSE}")
+        ddp = getattr(wrapped, "_orig_mod", wrapped)  # under torch.compile, the module it compiled
+        if isinstance(ddp, DistributedDataParallel):
+            if ddp is not self._hooked:  # a second train() reuses the hooked module
+                enable_gsnr(ddp, self.optimizer)
+                self._hooked = ddp
+        elif args.world_size > 1 and not self.trainer.is_deepspeed_enabled:
+            raise ValueError(
+                f"{PREFIX}{args.world_size} processes but the model is wrapped in "
+                f"{type(wrapped).__name__}; GSNR samples across ranks need torch DDP or DeepSpeed ZeRO 0-2"
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add the last step's GSNR statistics to a training log and to the entry Trainer just recorded."""
+        if self.optimizer is None or logs is None or "loss" not in logs:
+            return
+        stats = gsnr_logs(self.optimizer, args.per_device_train_batch_size)
+        logs.update(stats)
+        state.log_history[-1].update(stats)  # Trainer.log appends a copy of logs right before on_log
+
+
+def add_gsnr(trainer: Trainer) -> GsnrCallback:
+    """Check the optimizer choice, give ``trainer`` GSNR samples across ranks and GSNR logs; returns the callback."""
+    check_optimizer_choice(trainer)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, GsnrCallback):
+            return callback
+    callback = GsnrCallback(trainer)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
