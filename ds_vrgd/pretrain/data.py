@@ -139,9 +139,14 @@ def _stable_hash(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+def stable_seed(*key: object) -> int:
+    """A seed in [0, 2**63) from ``key``, the same in every process and Python run."""
+    return _stable_hash(*key) >> 1  # manual_seed takes < 2**63
+
+
 def _row_generator(*key: object) -> torch.Generator:
     """A torch generator seeded from ``key`` (e.g. seed, split, copy, row index)."""
-    return torch.Generator().manual_seed(_stable_hash(*key) >> 1)  # manual_seed takes < 2**63
+    return torch.Generator().manual_seed(stable_seed(*key))
 
 
 class MLMCollator:
@@ -149,13 +154,23 @@ class MLMCollator:
 
     Examples with ``labels`` (static masking, held-out) are stacked as they are;
     examples without are masked with :func:`mask_tokens` (dynamic masking). The
-    generator is seeded from (seed, rank, DataLoader worker id), so ranks and
-    workers draw different masks; pass each data-parallel rank its ``rank``.
+    generator is seeded from (seed, rank, DataLoader worker id, the key of
+    :meth:`reseed`), so ranks and workers draw different masks; pass each
+    data-parallel rank its ``rank``.
     """
 
     def __init__(self, spec: MaskingSpec, seed: int = 0, rank: int = 0):
         self.spec, self.seed, self.rank = spec, seed, rank
+        self._key: tuple = ()
         self._worker_generator: tuple[int, torch.Generator] | None = None
+
+    def reseed(self, *key: object) -> None:
+        """Restart the dynamic masks from a state given by ``key`` (e.g. the training step).
+
+        With in-process loading (``num_workers=0``) a run that reseeds before
+        each step draws the same masks when it resumes from a checkpoint.
+        """
+        self._key, self._worker_generator = key, None
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Collate a list of examples (dicts of [L] tensors or lists) into a batch."""
@@ -171,7 +186,7 @@ class MLMCollator:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else -1
         if self._worker_generator is None or self._worker_generator[0] != worker:
-            self._worker_generator = (worker, _row_generator(self.seed, "dynamic", self.rank, worker))
+            self._worker_generator = (worker, _row_generator(self.seed, "dynamic", self.rank, worker, *self._key))
         return self._worker_generator[1]
 
 
