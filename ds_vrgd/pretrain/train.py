@@ -1,0 +1,680 @@
+"""BERT masked-LM pretraining with DeepSpeed: optimizer, batch and recipe from a ds_config.
+
+    deepspeed --num_gpus 2 --module ds_vrgd.pretrain --data runs/demo/data \\
+        --deepspeed_config ds_configs/cpu_demo_zero2_vrlamb.json --output runs/demo
+
+(on CPU: ``export DS_ACCELERATOR=cpu``. The ranks come from the environment,
+so ``accelerate launch`` and ``torchrun`` work too; plain ``python -m
+ds_vrgd.pretrain`` runs one rank.)
+
+- Batch: train_batch_size = train_micro_batch_size_per_gpu x gradient_accumulation_steps
+  x world size, from any two of the config's three; name train_batch_size and the
+  micro-batch and the accumulation follows the number of ranks. Checked before start.
+- Recipe: the ds_config's ``"ds_vrgd"`` section (DeepSpeed ignores unknown
+  top-level keys) holds what DeepSpeed does not: ``model``, ``steps``,
+  ``warmup_proportion``, ``decay_power``, ``max_seq_len``, ``max_predictions``,
+  ``phase``, ``reference_world_size``, ``description``. Flags override it.
+- Optimizer: the config's. The VR types (VRLAMB ...) log GSNR statistics;
+  any other DeepSpeed type (``"Lamb"`` = FusedLamb, CUDA only; ``"AdamW"``)
+  or torch.optim class trains with the GSNR fields null.
+- LR: NVIDIA's LAMB BERT schedule (``PolyWarmUpScheduler``, stepped before
+  each optimizer step): with progress p = (t + 1) / steps for optimizer step
+  t = 0, 1, ..., lr = peak * p / warmup while p < warmup, else
+  peak * (1 - p) ** power (0 at the last step); peak = the config's optimizer lr.
+  As in NVIDIA's code, the decay starts at (1 - warmup) ** power x peak
+  (0.85 x peak for warmup 0.2843), not at the peak.
+- Weight decay: the config's ``weight_decay`` except 0 for biases and LayerNorm.
+- Model: a preset BERT (:mod:`.models`) scoring only the predicted positions.
+- Data: each rank takes its share of every epoch's seeded permutation of the
+  train split (``DistributedSampler``, drop_last) in micro-batches; static masks
+  are read, dynamic ones drawn by :class:`~ds_vrgd.pretrain.data.MLMCollator`.
+- Determinism: dropout and dynamic masks are reseeded before every step from
+  (seed, rank, step), so a resumed run repeats the uninterrupted run's steps.
+- Checkpoints: ``OUTPUT/checkpoints/step<N>``; the ``latest`` tag is replaced
+  atomically only after every rank finished writing, so an interrupted run
+  resumes (``--resume``) from its last complete checkpoint. ``client_state``
+  holds the step, the data position (micro-batches per rank), the training
+  time and samples, and the first and last losses.
+- Phase 2: ``--init-from RUN_DIR`` loads a phase-1 run's module weights; the
+  optimizer and schedule start fresh.
+- Throughput: samples/s and tokens/s per step in the log; the summary's mean
+  leaves out the first step of each process start (one-time set-up).
+- Outputs (rank 0): ``log.jsonl`` (per step; see :mod:`.report`), DeepSpeed
+  monitor events (``Train/Samples/loss`` ...; the GSNR statistics come from
+  :mod:`ds_vrgd.deepspeed`, ``lr`` from DeepSpeed), ``summary.json``,
+  ``training.png``, ``run.json`` (the plan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from ds_vrgd.pretrain import report
+from ds_vrgd.pretrain.data import MaskingSpec, MLMCollator, load_pretraining_data, read_meta, stable_seed
+from ds_vrgd.pretrain.models import PRESETS, MaskedPositionsMLM, bert_config, build_bert_mlm
+
+RECIPE_KEY = "ds_vrgd"
+RECIPE_FIELDS = {"description", "phase", "model", "steps", "warmup_proportion", "decay_power", "max_seq_len",
+                 "max_predictions", "reference_world_size"}
+DEFAULT_WARMUP, DEFAULT_POWER = 0.2843, 0.5  # NVIDIA's phase-1 LAMB recipe
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+CHECKPOINTS, RUN = "checkpoints", "run.json"
+RUN_FILES = (CHECKPOINTS, RUN, report.LOG, report.SUMMARY, report.PLOT, "monitor")
+GSNR_FIELDS = {"gsnr_n": "n", "gsnr_mean": "gsnr_mean", "gsnr_frac_low": "frac_low", "gsnr_frac_high": "frac_high",
+               "noise_ratio": "noise_ratio", "b_simple": "b_simple"}  # log name: gsnr_stats() name
+# monitor events written elsewhere: the GSNR statistics by ds_vrgd.deepspeed, Train/Samples/lr by DeepSpeed
+MONITORED_ELSEWHERE = {"gsnr_n", "gsnr_mean", "gsnr_frac_low", "gsnr_frac_high", "b_simple", "lr"}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated run: everything decided before DeepSpeed starts."""
+
+    data: str
+    output: str
+    config_path: str
+    config: dict  # passed to deepspeed.initialize
+    meta: dict  # the data's meta.json
+    model: str
+    optimizer: str
+    peak_lr: float
+    world_size: int
+    global_batch: int
+    micro_batch: int
+    gas: int
+    steps: int
+    warmup_proportion: float
+    decay_power: float
+    init_from: str | None
+    resume: bool
+    overwrite: bool
+    seed: int
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence of the data."""
+        return self.meta["max_seq_len"]
+
+
+def load_ds_config(path: str | Path) -> dict:
+    """The ds_config at ``path``; FileNotFoundError/ValueError naming the fix if missing or not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"DeepSpeed config {str(path)!r} does not exist; pass --deepspeed_config with a file from ds_configs/, "
+            "e.g. ds_configs/cpu_demo_zero2_vrlamb.json"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {str(path)!r} is not valid JSON ({err}); fix the syntax there") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"DeepSpeed config {str(path)!r} must be a JSON object {{...}}, not {type(config).__name__}")
+    return config
+
+
+def check_optimizer(config: dict, path: str) -> tuple[str, float]:
+    """(name, peak lr) of the config's optimizer: a VR type's class name, or another type as written.
+
+    Raises ValueError listing the valid types for an unknown one, naming a bad
+    VR option (built once on a dummy parameter), for a missing lr and for a
+    "scheduler" block (the trainer sets the schedule).
+    """
+    import deepspeed  # noqa: F401  before ds_vrgd.deepspeed, so that ds_vrgd's import hook registers the types
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    from ds_vrgd.deepspeed import VR_OPTIMIZERS, build_optimizer
+
+    block = config.get("optimizer")
+    name = block.get("type") if isinstance(block, dict) else None
+    known = isinstance(name, str) and (
+        name.lower() in VR_OPTIMIZERS or name.lower() in DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, name)
+    )
+    if not known:
+        vr_types = ", ".join(cls.__name__ for cls in VR_OPTIMIZERS.values())
+        raise ValueError(
+            f'{path}: unknown optimizer type {name!r}; set "optimizer": {{"type": ...}} to one of {vr_types} '
+            f"(GSNR statistics; \"params\": {{\"vr\": false}} gives the plain base, e.g. LAMB from VRLAMB), "
+            f"a DeepSpeed type ({', '.join(DEEPSPEED_OPTIMIZERS)}) or a torch.optim class name"
+        )
+    lr = block.get("params", {}).get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise ValueError(f"{path}: optimizer.params.lr is {lr!r}; set it to the schedule's peak learning rate (> 0)")
+    if "scheduler" in config:
+        raise ValueError(
+            f'{path}: has a "scheduler" block, but the trainer sets the schedule (warmup + polynomial decay: '
+            f'--warmup-proportion/--decay-power or the "{RECIPE_KEY}" section); remove "scheduler"'
+        )
+    if name.lower() not in VR_OPTIMIZERS:
+        return name, float(lr)
+    try:
+        optimizer = build_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], block.get("params"))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    return type(optimizer).__name__, float(lr)
+
+
+def batch_sizes(config: dict, world_size: int, path: str) -> tuple[int, int, int]:
+    """(train_batch_size, micro-batch per rank, accumulation steps) from any two of the config's three.
+
+    Raises ValueError naming the numbers when they do not divide or disagree.
+    """
+    given = {key: config.get(key) for key in BATCH_KEYS}
+    for key, value in given.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f'{path}: {key} is {value!r}; use a positive integer ("auto" is for HF Trainer only)')
+    train, micro, gas = given.values()
+    if micro is None and train is None:
+        raise ValueError(f"{path}: set train_batch_size and/or train_micro_batch_size_per_gpu")
+    if micro is None:
+        gas = gas or 1
+        micro = _divide(train, gas * world_size, f"gradient_accumulation_steps {gas} x world size {world_size}", path)
+    elif gas is None:
+        gas = 1 if train is None else _divide(
+            train, micro * world_size, f"train_micro_batch_size_per_gpu {micro} x world size {world_size}", path
+        )
+    train = micro * gas * world_size if train is None else train
+    if train != micro * gas * world_size:
+        raise ValueError(
+            f"{path}: train_batch_size {train} != train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
+            f"{gas} x world size {world_size} = {micro * gas * world_size}; remove gradient_accumulation_steps to "
+            "let it follow, or fix one of the three"
+        )
+    return train, micro, gas
+
+
+def _divide(total: int, by: int, what: str, path: str) -> int:
+    """total // by, or ValueError if ``by`` does not divide ``total`` (``what`` names the divisor)."""
+    if total % by:
+        raise ValueError(
+            f"{path}: train_batch_size {total} is not divisible by {what} = {by}; choose a train_batch_size that is "
+            f"a multiple of {by}, or change the micro-batch or the number of ranks"
+        )
+    return total // by
+
+
+def check_recipe(config: dict, meta: dict, path: str, data: str) -> dict:
+    """The config's ``"ds_vrgd"`` section, checked against the data's sequence length and prediction cap."""
+    recipe = config.get(RECIPE_KEY, {})
+    unknown = sorted(set(recipe) - RECIPE_FIELDS)
+    if unknown:
+        raise ValueError(f'{path}: unknown keys {unknown} in "{RECIPE_KEY}"; valid keys: {sorted(RECIPE_FIELDS)}')
+    for key, have, flag in (("max_seq_len", meta["max_seq_len"], "--max-seq-len"),
+                            ("max_predictions", meta["masking_spec"]["max_predictions"], "--max-predictions")):
+        want = recipe.get(key)
+        if want is not None and want != have:
+            raise ValueError(
+                f"{path} is a recipe with {key} {want} but {data} has {key} {have}; use the config of that phase, "
+                f"or prepare the data with {flag} {want}"
+            )
+    return recipe
+
+
+def check_output(output: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: an output holding a run needs --resume (continue) or --overwrite (replace)."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pass one")
+    if resume or overwrite:
+        return
+    if Path(output, report.SUMMARY).is_file():
+        state = "a finished run (summary.json)"
+    elif Path(output, CHECKPOINTS, "latest").is_file():
+        state = "an interrupted run (checkpoints/latest)"
+    else:
+        return
+    raise ValueError(
+        f"--output {output} holds {state}; pass --resume to continue it (e.g. with a larger --max-steps), "
+        "--overwrite to replace it, or another --output"
+    )
+
+
+def check_resume(output: str, world_size: int, micro_batch: int) -> None:
+    """A resumed run must split the data like the run it continues (the data position counts micro-batches)."""
+    run = Path(output, RUN)
+    if not (run.is_file() and Path(output, CHECKPOINTS, "latest").is_file()):
+        return
+    earlier = json.loads(run.read_text())
+    if (earlier["world_size"], earlier["micro_batch"]) != (world_size, micro_batch):
+        raise ValueError(
+            f"--resume: {output} was trained on {earlier['world_size']} ranks with micro-batch "
+            f"{earlier['micro_batch']}, this run has {world_size} and {micro_batch}; resume with the same number of "
+            "ranks and micro-batch, or start a new --output"
+        )
+
+
+def checkpoint_dir(path: str) -> Path:
+    """The DeepSpeed checkpoint directory of a run directory or of a checkpoint directory itself."""
+    for candidate in (Path(path, CHECKPOINTS), Path(path)):
+        if Path(candidate, "latest").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"--init-from {path} holds no DeepSpeed checkpoint (no 'latest' in it or in its {CHECKPOINTS}/); "
+        "pass the --output directory of a finished phase-1 run"
+    )
+
+
+def check_init_from(path: str, model: str, vocab_size: int) -> str:
+    """The checkpoint directory to initialise from, checked against the phase-1 run's run.json if present."""
+    directory = checkpoint_dir(path)
+    run = directory.parent / RUN
+    if directory.name == CHECKPOINTS and run.is_file():
+        earlier = json.loads(run.read_text())
+        mine, theirs = (model, vocab_size), (earlier["model"], earlier["meta"]["vocab_size"])
+        if mine != theirs:
+            raise ValueError(
+                f"--init-from {path} trained model {theirs[0]!r} with vocab {theirs[1]}, this run builds {mine[0]!r} "
+                f"with vocab {mine[1]}; use the same --model and prepare phase-2 data with --tokenizer "
+                f"<phase-1 data>/tokenizer"
+            )
+    return str(directory)
+
+
+def with_monitor_paths(config: dict, output: str) -> dict:
+    """A copy of ``config`` whose enabled TensorBoard/CSV monitors without output_path write to OUTPUT/monitor."""
+    config = json.loads(json.dumps(config))
+    for key in ("tensorboard", "csv_monitor"):
+        section = config.get(key)
+        if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
+            section["output_path"] = str(Path(output, "monitor"))
+    return config
+
+
+def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
+    """Check every input (cheaply, before DeepSpeed starts) and decide the run; ValueError/FileNotFoundError."""
+    check_output(args.output, args.resume, args.overwrite)
+    meta = read_meta(args.data)
+    path = args.deepspeed_config
+    config = load_ds_config(path)
+    optimizer, lr = check_optimizer(config, path)
+    train, micro, gas = batch_sizes(config, world_size, path)
+    recipe = check_recipe(config, meta, path, args.data)
+    model = args.model or recipe.get("model")
+    if model is None:
+        raise ValueError(f"no model: pass --model ({', '.join(PRESETS)}) or set \"model\" in {path}'s \"{RECIPE_KEY}\"")
+    bert_config(model, meta["vocab_size"], max_seq_len=meta["max_seq_len"])  # preset and position embeddings
+    rows = meta["counts"]["train"]["rows"]
+    if rows < micro * world_size:
+        raise ValueError(
+            f"{args.data} has {rows} training sequences, fewer than one micro-batch per rank ({micro} x {world_size}); "
+            "prepare more text or lower train_micro_batch_size_per_gpu"
+        )
+    steps = args.max_steps or recipe.get("steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f'no step count: pass --max-steps N or set "steps" in {path}\'s "{RECIPE_KEY}" section')
+    warmup = _first(args.warmup_proportion, recipe.get("warmup_proportion"), DEFAULT_WARMUP)
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup proportion {warmup} must be in [0, 1); pass --warmup-proportion 0.1, for example")
+    if args.resume:
+        check_resume(args.output, world_size, micro)
+    init_from = check_init_from(args.init_from, model, meta["vocab_size"]) if args.init_from else None
+    config = with_monitor_paths({**config, **dict(zip(BATCH_KEYS, (train, micro, gas)))}, args.output)
+    return Plan(
+        data=args.data, output=args.output, config_path=path, config=config, meta=meta, model=model,
+        optimizer=optimizer, peak_lr=lr, world_size=world_size, global_batch=train, micro_batch=micro, gas=gas,
+        steps=steps, warmup_proportion=warmup,
+        decay_power=_first(args.decay_power, recipe.get("decay_power"), DEFAULT_POWER),
+        init_from=init_from, resume=args.resume, overwrite=args.overwrite, seed=args.seed, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
+    )
+
+
+def _first(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
+
+
+# --------------------------------------------------------------------------- schedule, data, loss
+
+
+def warmup_poly_decay(steps: int, warmup_proportion: float, power: float) -> Callable[[int], float]:
+    """LR multiplier of optimizer step t (0-based) for ``LambdaLR``: NVIDIA's PolyWarmUpScheduler, see module doc."""
+
+    def factor(step: int) -> float:
+        progress = min((step + 1) / steps, 1.0)
+        if progress < warmup_proportion:
+            return progress / warmup_proportion
+        return (1.0 - progress) ** power
+
+    return factor
+
+
+def parameter_groups(model: torch.nn.Module) -> list[dict]:
+    """Two groups: weights (the config's weight_decay) and biases/LayerNorm (weight_decay 0)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 or "LayerNorm" in name else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rank_micro_batches(rows: int, rank: int, world: int, micro: int, seed: int, start: int) -> Iterator[list[int]]:
+    """Row indices of this rank's micro-batches, endlessly over epochs, from micro-batch ``start`` on.
+
+    Epoch e is ``DistributedSampler(shuffle=True, seed, drop_last=True)`` at
+    ``set_epoch(e)``, cut into micro-batches of ``micro`` (the last partial one
+    dropped), so position ``start`` = e * per_epoch + offset resumes exactly.
+    """
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(rows), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    per_epoch = len(sampler) // micro
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        for b in range(offset, per_epoch):
+            yield indices[b * micro : (b + 1) * micro]
+        epoch, offset = epoch + 1, 0
+
+
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked-LM loss of logits [M, V] at the predicted positions against their targets [M].
+
+    Returns (mean cross-entropy, differentiable scalar; detached float [3]:
+    loss sum, correct argmax predictions, predicted tokens).
+    """
+    logits = logits.float()
+    loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.argmax(-1) == targets).sum().float()
+    sums = torch.stack([loss_sum.detach(), correct, loss_sum.new_tensor(targets.numel())])
+    return loss_sum / max(targets.numel(), 1), sums
+
+
+def _forward(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mlm_loss` of the engine's model on a collated batch."""
+    logits, targets = engine(input_ids=batch["input_ids"].to(engine.device), labels=batch["labels"].to(engine.device))
+    return mlm_loss(logits, targets)
+
+
+def train_step(engine, batches: Iterator[dict]) -> torch.Tensor:
+    """One optimizer step over ``gas`` micro-batches; returns the sums of :func:`mlm_loss` over all ranks [3]."""
+    from deepspeed import comm as dist
+
+    sums = torch.zeros(3, device=engine.device)
+    for _ in range(engine.gradient_accumulation_steps()):
+        loss, micro_sums = _forward(engine, next(batches))
+        engine.backward(loss)
+        engine.step()
+        sums += micro_sums
+    dist.all_reduce(sums)
+    return sums
+
+
+def evaluate(engine, dataset, collator: MLMCollator, max_batches: int) -> dict:
+    """Held-out MLM loss and accuracy over up to ``max_batches`` micro-batches per rank (summed over ranks)."""
+    from deepspeed import comm as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=engine.world_size, rank=engine.global_rank, shuffle=False,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=engine.train_micro_batch_size_per_gpu(), sampler=sampler,
+                        collate_fn=collator)
+    sums = torch.zeros(3, device=engine.device)
+    engine.eval()
+    with torch.no_grad():
+        for batch in islice(loader, max_batches):
+            sums += _forward(engine, batch)[1]
+    engine.train()
+    dist.all_reduce(sums)
+    loss_sum, correct, count = sums.tolist()
+    if count == 0:
+        return {"eval_mlm_loss": None, "eval_mlm_accuracy": None, "eval_tokens": 0}
+    return {"eval_mlm_loss": loss_sum / count, "eval_mlm_accuracy": correct / count, "eval_tokens": int(count)}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(engine, directory: str, state: dict, keep: int) -> None:
+    """Save ``step<N>`` with ``state`` as client_state, then point ``latest`` at it atomically; keep the last ``keep``."""
+    from deepspeed import comm as dist
+
+    tag = f"step{state['step']}"
+    engine.save_checkpoint(directory, tag=tag, client_state=dict(state), save_latest=False)  # ends with a barrier
+    if engine.global_rank == 0:
+        tmp = Path(directory, "latest.tmp")
+        tmp.write_text(tag)
+        os.replace(tmp, Path(directory, "latest"))
+        tags = sorted((int(m.group(1)), p) for p in Path(directory).iterdir() if (m := re.fullmatch(r"step(\d+)", p.name)))
+        for _, old in tags[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def prepare_output(plan: Plan) -> None:
+    """Rank 0: clear a replaced run (--overwrite), create the directory, write run.json."""
+    output = Path(plan.output)
+    if plan.overwrite:
+        for name in RUN_FILES:
+            path = output / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / RUN).write_text(json.dumps(asdict(plan), indent=2) + "\n")
+
+
+def build_engine(plan: Plan):
+    """The DeepSpeed engine: the preset BERT, the config's optimizer, the warmup + decay LambdaLR."""
+    import ds_vrgd
+
+    mlm = build_bert_mlm(plan.model, plan.meta["vocab_size"], seed=plan.seed, max_seq_len=plan.seq_len)
+    model = MaskedPositionsMLM(mlm)
+    schedule = warmup_poly_decay(plan.steps, plan.warmup_proportion, plan.decay_power)
+    engine, *_ = ds_vrgd.initialize(  # deepspeed.initialize with the VR types registered
+        model=model, model_parameters=parameter_groups(model), config=plan.config,
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=schedule),
+    )
+    return engine
+
+
+def restore(engine, plan: Plan) -> dict:
+    """The training state: from the latest checkpoint (--resume), else fresh (module weights of --init-from)."""
+    state = {"step": 0, "micro_batches": 0, "train_seconds": 0.0, "train_samples": 0,
+             "initial_train_loss": None, "final_train_loss": None}
+    directory = Path(plan.output, CHECKPOINTS)
+    if plan.resume and (directory / "latest").is_file():
+        _, client_state = engine.load_checkpoint(str(directory))
+        state.update({key: client_state[key] for key in state})
+        engine.lr_scheduler.last_epoch -= 1
+        engine.lr_scheduler.step()  # re-evaluate the restored step's lr: --max-steps may have changed
+        if engine.global_rank == 0:
+            report.trim_log(plan.output, state["step"])
+    elif plan.init_from:
+        engine.load_checkpoint(plan.init_from, load_module_only=True)
+    return state
+
+
+def gsnr_record(engine) -> dict:
+    """The VR optimizer's GSNR statistics of the last step (None values without a VR optimizer or with n < 2)."""
+    optimizer = getattr(engine, "vr_optimizer", None)
+    stats = optimizer.gsnr_stats() if optimizer is not None else {}
+    have = stats.get("n", 0) >= 2
+    return {key: stats[name] if have else None for key, name in GSNR_FIELDS.items()}
+
+
+def log_record(engine, plan: Plan, record: dict) -> None:
+    """Rank 0: append a record to log.jsonl and write its numbers to DeepSpeed's monitor."""
+    report.append_record(plan.output, record)
+    if engine.monitor.enabled:
+        prefix = "Train/Samples/" if record["event"] == "train" else "Eval/Samples/"
+        skip = {"event", "step", *MONITORED_ELSEWHERE}
+        events = [(prefix + k, float(v), engine.global_samples) for k, v in record.items()
+                  if k not in skip and isinstance(v, (int, float))]
+        engine.monitor.write_events(events)
+
+
+def run_step(engine, batches: Iterator[dict], collator: MLMCollator, plan: Plan, state: dict, timed: bool) -> dict:
+    """One optimizer step from a state seeded by (seed, rank, step); updates ``state``; returns its log record.
+
+    ``timed``: count the step's time and samples in the run's throughput (not
+    the first step of a process, which includes one-time set-up).
+    """
+    torch.manual_seed(stable_seed(plan.seed, "dropout", engine.global_rank, state["step"]))
+    collator.reseed(state["step"])
+    lr = engine.get_lr()[0]
+    start = time.perf_counter()
+    loss_sum, correct, count = train_step(engine, batches).tolist()
+    seconds = time.perf_counter() - start
+    loss = loss_sum / count
+    state.update(step=state["step"] + 1, micro_batches=state["micro_batches"] + plan.gas, final_train_loss=loss)
+    if timed:
+        state.update(train_seconds=state["train_seconds"] + seconds,
+                     train_samples=state["train_samples"] + plan.global_batch)
+    if state["initial_train_loss"] is None:
+        state["initial_train_loss"] = loss
+    return {"event": "train", "step": state["step"], "loss": loss, "mlm_accuracy": correct / count, "lr": lr,
+            "samples_per_second": plan.global_batch / seconds,
+            "tokens_per_second": plan.global_batch * plan.seq_len / seconds, **gsnr_record(engine)}
+
+
+def train(plan: Plan) -> dict:
+    """Run (or continue) the plan on every rank; rank 0 writes the logs, summary and plot. Returns the summary."""
+    import deepspeed
+    from deepspeed import comm as dist
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    began = time.perf_counter()
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        prepare_output(plan)
+    dist.barrier()
+    engine = build_engine(plan)
+    state = restore(engine, plan)
+    train_set, heldout = (load_pretraining_data(plan.data, split) for split in ("train", "heldout"))
+    collator = MLMCollator(MaskingSpec.from_meta(plan.meta), seed=plan.seed, rank=rank)
+    indices = rank_micro_batches(len(train_set), rank, world, plan.micro_batch, plan.seed, state["micro_batches"])
+    batches = iter(DataLoader(train_set, batch_sampler=indices, collate_fn=collator))  # in-process: see reseed
+    checkpoints = str(Path(plan.output, CHECKPOINTS))
+
+    def run_eval() -> dict:
+        result = evaluate(engine, heldout, collator, plan.eval_batches)
+        if rank == 0:
+            log_record(engine, plan, {"event": "eval", "step": state["step"], **result})
+        return result
+
+    bar = tqdm(total=plan.steps, initial=state["step"], desc="pretrain", unit="step", disable=rank != 0,
+               mininterval=1.0)
+    first = state["step"]
+    while state["step"] < plan.steps:
+        record = run_step(engine, batches, collator, plan, state, timed=state["step"] > first)
+        step = state["step"]
+        if rank == 0 and (step % plan.log_every == 0 or step in (1, plan.steps)):
+            log_record(engine, plan, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['mlm_accuracy']:.3f}", lr=f"{record['lr']:.2e}")
+        if plan.eval_every and step % plan.eval_every == 0 and step < plan.steps:
+            run_eval()
+        if plan.checkpoint_every and step % plan.checkpoint_every == 0 and step < plan.steps:
+            save_checkpoint(engine, checkpoints, state, plan.keep_checkpoints)
+    bar.close()
+    if state["step"] > first:  # the final weights (phase 2 starts here); a finished run resumed has them
+        save_checkpoint(engine, checkpoints, state, plan.keep_checkpoints)
+    summary = summarize(engine, plan, state, run_eval(), time.perf_counter() - began)
+    if rank == 0:
+        report.write_summary(plan.output, summary)
+        report.plot_run(plan.output, f"{plan.model} BERT, {summary['optimizer_label']}, batch {plan.global_batch}, "
+                                     f"seq {plan.seq_len}")
+    dist.barrier()
+    return summary
+
+
+def summarize(engine, plan: Plan, state: dict, evaluation: dict, wall_seconds: float) -> dict:
+    """The run's summary.json content.
+
+    ``vr`` is null for an optimizer that is not a VR type; ``samples_per_second``
+    is the mean over the timed steps (all but the first of each process).
+    """
+    vr_optimizer = getattr(engine, "vr_optimizer", None)
+    vr = bool(vr_optimizer.param_groups[0]["vr"]) if vr_optimizer is not None else None
+    samples_per_second = state["train_samples"] / state["train_seconds"] if state["train_seconds"] else None
+    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    return {
+        "optimizer": plan.optimizer, "vr": vr,
+        "optimizer_label": f"{plan.optimizer} (vr off)" if vr is False else plan.optimizer,
+        "zero_stage": engine.zero_optimization_stage(), "precision": precision, "world_size": engine.world_size,
+        "global_batch_size": plan.global_batch, "micro_batch_size": plan.micro_batch,
+        "gradient_accumulation_steps": plan.gas, "steps": state["step"], "seq_len": plan.seq_len,
+        "model": plan.model, "parameters": sum(p.numel() for p in engine.module.parameters()),
+        "peak_lr": plan.peak_lr, "warmup_proportion": plan.warmup_proportion, "decay_power": plan.decay_power,
+        "initial_train_loss": state["initial_train_loss"], "final_train_loss": state["final_train_loss"],
+        **evaluation,
+        "samples_per_second": samples_per_second,
+        "tokens_per_second": samples_per_second * plan.seq_len if samples_per_second else None,
+        "train_seconds": state["train_seconds"], "wall_seconds": wall_seconds,
+        "gsnr": gsnr_record(engine),
+        "data": plan.data, "deepspeed_config": plan.config_path, "init_from": plan.init_from,
+        "log": str(Path(plan.output, report.LOG)), "plot": str(Path(plan.output, report.PLOT)),
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see ``python -m ds_vrgd.pretrain --help``)."""
+    p = argparse.ArgumentParser(prog="python -m ds_vrgd.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="prepared data directory (python -m ds_vrgd.pretrain.data)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, help="ds_config JSON (ds_configs/)")
+    p.add_argument("--output", required=True, help="run directory: checkpoints, log.jsonl, summary.json, plot")
+    p.add_argument("--model", choices=list(PRESETS), help=f'BERT preset (default: the config\'s "{RECIPE_KEY}" model)')
+    p.add_argument("--max-steps", type=int, help=f'optimizer steps (default: the config\'s "{RECIPE_KEY}" steps)')
+    p.add_argument("--warmup-proportion", type=float, help=f"of the steps (default: recipe, else {DEFAULT_WARMUP})")
+    p.add_argument("--decay-power", type=float, help=f"polynomial decay power (default: recipe, else {DEFAULT_POWER})")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--eval-batches", type=int, default=20, help="held-out micro-batches per rank per evaluation")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints to keep (0: all)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest if there is one")
+    p.add_argument("--overwrite", action="store_true", help="replace a run in --output")
+    p.add_argument("--init-from", metavar="RUN_DIR", help="phase 2: start from this run's final module weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=1, help="log.jsonl/monitor every N steps")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    args = p.parse_args(argv)
+    for name, low in (("max_steps", 1), ("eval_every", 0), ("eval_batches", 1), ("checkpoint_every", 0),
+                      ("keep_checkpoints", 0), ("log_every", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} {value} must be >= {low}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: plan (SystemExit naming the problem), train, print the summary and where the results are."""
+    args = parse_args(argv)
+    try:
+        plan = plan_run(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29500"}.items():
+        os.environ.setdefault(key, value)  # a plain `python -m ds_vrgd.pretrain` is one rank
+    summary = train(plan)
+    if int(os.environ["RANK"]) == 0:
+        print(report.format_summary(summary))
+    return 0
