@@ -14,9 +14,9 @@ if [ ! -f "$OUTPUT/data/meta.json" ]; then
     python -m ds_vrgd.pretrain.data --output "$OUTPUT/data" --max-seq-len 128 --vocab-size 8192 --overwrite
 fi
 case " $* " in
-    *" --resume "*) REPLACE=() ;;
-    *) REPLACE=(--overwrite) ;;
+    *" --resume "*) REPLACE="" ;;
+    *) REPLACE="--overwrite" ;;
 esac
 exec deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29500}" --log_level warning \
     --module ds_vrgd.pretrain --data "$OUTPUT/data" --deepspeed_config ds_configs/cpu_demo_zero2_vrlamb.json \
-    --output "$OUTPUT" --eval-every 25 --checkpoint-every 50 "${REPLACE[@]}" "$@"
+    --output "$OUTPUT" --eval-every 25 --checkpoint-every 50 ${REPLACE:+"$REPLACE"} "$@"
