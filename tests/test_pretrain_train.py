@@ -237,6 +237,12 @@ def test_an_existing_run_is_neither_mixed_nor_lost(tmp_path, seq32, refuse_to_tr
     assert (output / "checkpoints" / "latest").read_text() == "step3"
 
 
+def test_a_missing_dependency_is_named_with_its_extra(tmp_path, seq32, refuse_to_train, monkeypatch):
+    monkeypatch.setattr(train, "NEEDED_MODULES", ("matplotlib", "no_such_module"))
+    with pytest.raises(SystemExit, match=r"needs no_such_module; pip install 'ds-vrgd\[all\]'"):
+        train.main(args(seq32, CONFIGS / "cpu_demo_zero2_vrlamb.json", tmp_path / "run"))
+
+
 def test_command_line_error_exits_nonzero_without_traceback(tmp_path, seq32):
     config = config_with(tmp_path, optimizer={"type": "NoSuchOptimizer", "params": {"lr": 1e-3}})
     done = run([sys.executable, "-m", "ds_vrgd.pretrain", *args(seq32, config, tmp_path / "run")])

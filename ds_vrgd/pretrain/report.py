@@ -103,7 +103,7 @@ def plot_run(output: str | Path, title: str) -> Path:
 
     records = read_records(output)
     train = [r for r in records if r["event"] == "train"]
-    evals = [r for r in records if r["event"] == "eval"]
+    evals = [r for r in records if r["event"] == "eval" and r["eval_mlm_loss"] is not None]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     top.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train MLM loss")
     top.plot([r["step"] for r in evals], [r["eval_mlm_loss"] for r in evals], "o-", label="held-out MLM loss")

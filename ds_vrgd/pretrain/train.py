@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -69,6 +70,7 @@ RECIPE_KEY = "ds_vrgd"
 RECIPE_FIELDS = {"description", "phase", "model", "steps", "warmup_proportion", "decay_power", "max_seq_len",
                  "max_predictions", "reference_world_size"}
 DEFAULT_WARMUP, DEFAULT_POWER = 0.2843, 0.5  # NVIDIA's phase-1 LAMB recipe
+NEEDED_MODULES = ("deepspeed", "transformers", "datasets", "tqdm", "matplotlib")
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 CHECKPOINTS, RUN = "checkpoints", "run.json"
 RUN_FILES = (CHECKPOINTS, RUN, report.LOG, report.SUMMARY, report.PLOT, "monitor")
@@ -299,8 +301,16 @@ def with_monitor_paths(config: dict, output: str) -> dict:
     return config
 
 
+def check_installed() -> None:
+    """Raise ValueError naming the extra to install if a module the run needs (up to its plot) is missing."""
+    missing = [name for name in NEEDED_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"BERT pretraining needs {', '.join(missing)}; pip install 'ds-vrgd[all]'")
+
+
 def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
     """Check every input (cheaply, before DeepSpeed starts) and decide the run; ValueError/FileNotFoundError."""
+    check_installed()
     check_output(args.output, args.resume, args.overwrite)
     meta = read_meta(args.data)
     path = args.deepspeed_config
