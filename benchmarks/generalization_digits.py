@@ -36,7 +36,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -108,11 +107,10 @@ def mlp(seed: int) -> torch.nn.Module:
 
 
 def optimizer(spec: DigitsRun, params) -> torch.optim.Optimizer:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if spec.rule == "SGD":
-            return VRSGD(params, lr=spec.lr, momentum=0.9, gamma=spec.gamma, vr=spec.vr)
-        return VRAdam(params, lr=spec.lr, gamma=spec.gamma, vr=spec.vr)
+    """VRSGD (momentum 0.9) or VRAdam with the run's lr, gamma and vr."""
+    if spec.rule == "SGD":
+        return VRSGD(params, lr=spec.lr, momentum=0.9, gamma=spec.gamma, vr=spec.vr)
+    return VRAdam(params, lr=spec.lr, gamma=spec.gamma, vr=spec.vr)
 
 
 @torch.no_grad()

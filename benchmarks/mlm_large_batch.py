@@ -44,8 +44,9 @@ Experiments (each run is cached as one JSON in ``--results``; rerunning
 skips finished runs, ``--force`` redoes them):
   lr     LAMB at the moderate batch, seed 0, lr in ``--lrs``
   main   LAMB and VRLAMB at the moderate and large batch, n = ``--n``, ``--seeds``
-  gamma  VRLAMB at the large batch, gamma in ``--gammas``, ``--sweep-seeds`` (+ LAMB = gamma 0)
-  n      VRLAMB at the large batch, n in ``--ns`` (global batch fixed), ``--sweep-seeds`` (+ LAMB)
+  gamma  VRLAMB at the large batch, gamma in ``--gammas``, ``--sweep-seeds``
+  n      VRLAMB at the large batch, n in ``--ns`` (global batch fixed), ``--sweep-seeds``
+(the sweeps' LAMB reference, gamma 0, is main's LAMB at the large batch: run main first)
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -195,10 +195,8 @@ def train_run(job: tuple) -> dict:
     train_ids = pretrain_data.load_pretraining_data(data_dir, "train")["input_ids"]
     eval_sets = evaluation_sets(data_dir, masking)
     model = MaskedPositionsMLM(build_bert_mlm(spec.preset, meta["vocab_size"], spec.seed, max_seq_len=spec.seq_len))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # foreach on CPU, etc.
-        optimizer = VRLAMB(parameter_groups(model), lr=spec.lr, weight_decay=0.01, gamma=spec.gamma,
-                           vr=spec.optimizer == "VRLAMB")
+    optimizer = VRLAMB(parameter_groups(model), lr=spec.lr, weight_decay=0.01, gamma=spec.gamma,
+                       vr=spec.optimizer == "VRLAMB")
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_poly_decay(spec.steps, DEFAULT_WARMUP, DEFAULT_POWER))
     collator = pretrain_data.MLMCollator(masking, seed=spec.seed)
@@ -255,9 +253,9 @@ def experiment_specs(name: str, args) -> list[RunSpec]:
     if name == "main":
         return [base_spec(args, opt, batch, seed) for batch in (args.moderate_batch, args.large_batch)
                 for opt in ("LAMB", "VRLAMB") for seed in args.seeds]
-    if name in ("gamma", "n"):
-        values = [0.0, *args.gammas] if name == "gamma" else args.ns
-        return [spec for value in values for spec in sweep_specs(args, name, value)]
+    if name in ("gamma", "n"):  # the LAMB reference (gamma 0) comes from main
+        return [spec for value in (args.gammas if name == "gamma" else args.ns)
+                for spec in sweep_specs(args, name, value)]
     raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
 
 
