@@ -30,6 +30,15 @@ def _scalar_list(scalars: Scalars, n: int) -> list[float]:
     return list(scalars) if isinstance(scalars, (list, tuple)) else [scalars] * n
 
 
+def square_into(out: Tensor, x: Tensor) -> None:
+    """out <- x * x in out's dtype (fp32 buffers: low-precision x is squared in fp32, not in its own dtype)."""
+    if x.dtype == out.dtype:
+        torch.mul(x, x, out=out)
+    else:
+        out.copy_(x)
+        out.mul_(out)
+
+
 def _skip_empty(method):
     """In-place list ops do nothing on an empty list (torch's foreach kernels reject one)."""
 

@@ -30,6 +30,8 @@ from typing import Iterable, Optional, Protocol
 import torch
 from torch import Tensor
 
+from ds_vrgd._tensor_lists import square_into
+
 
 class MomentSource(Protocol):
     """What the VR optimizers need from a source of gradient samples."""
@@ -93,12 +95,8 @@ class BackwardHookMoments:
                 fresh = capture.generation != self._generation or param.grad is None
                 if capture.sq is None:
                     capture.sq = torch.zeros_like(param, dtype=torch.float32)
-                if fresh and grad.dtype == torch.float32:
-                    torch.mul(grad, grad, out=capture.sq)
-                elif fresh:  # square low-precision gradients in fp32
-                    capture.sq.copy_(grad)
-                    capture.sq.mul_(capture.sq)
                 if fresh:
+                    square_into(capture.sq, grad)
                     capture.count = 0
                     capture.generation = self._generation
                 else:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ds_vrgd import gsnr
+from ds_vrgd._tensor_lists import square_into
 from ds_vrgd.optim._base import Piece
 
 REPLICATED = -1
@@ -109,9 +110,7 @@ class PartitionedMoments:
         if numel > self._bucket.numel():
             self._reduce_into_owners([(index, 0)], grad.detach().float().reshape(-1).square())
             return
-        target = self._bucket.narrow(0, self._used, numel)
-        target.copy_(grad.reshape(-1))
-        target.mul_(target)
+        square_into(self._bucket.narrow(0, self._used, numel), grad.reshape(-1))
         self._entries.append((index, self._used))
         self._used += numel
 
