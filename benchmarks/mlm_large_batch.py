@@ -18,8 +18,9 @@ weight decay 0.01, 0 for biases and LayerNorm, betas (0.9, 0.999), eps 1e-6,
 no gradient clipping). Schedule: NVIDIA's LAMB BERT recipe,
 ``ds_vrgd.pretrain.train.warmup_poly_decay`` (warmup 28.43% of the steps,
 then polynomial decay with power 0.5 to 0). Peak lr: ``--lr`` at the moderate
-batch (chosen with ``--experiment lr``, a LAMB-only grid), scaled with
-sqrt(batch) to the other batch sizes; LAMB and VRLAMB get the same lr.
+batch, the first of ``--batches`` (chosen with ``--experiment lr``, a
+LAMB-only grid), scaled with sqrt(batch) to the larger ones; LAMB and VRLAMB
+get the same lr.
 
 Step: the global batch B is split into n micro-batches of B / n sequences,
 one backward pass each (loss / n), then one optimizer step; with VRLAMB the n
@@ -36,15 +37,15 @@ split of the same size (fixed masks), both with dropout off; the gap =
 held-out loss - train loss (and train - held-out accuracy); steps to reach a
 target held-out loss, linearly interpolated between evaluations. Targets,
 fixed before any run: T_moderate = the mean final held-out loss of LAMB at
-the moderate batch, T_large = that of LAMB at the large batch (so LAMB
-itself needs about all its steps for T_large, and the ratio LAMB steps /
-VRLAMB steps to T_large is the paper's "fewer steps" measure).
+the moderate batch, T_batch = that of LAMB at the run's own batch (so LAMB
+itself needs about all its steps for T_batch, and the ratio LAMB steps /
+VRLAMB steps to T_batch is the paper's "fewer steps" measure).
 
 Experiments (each run is cached as one JSON in ``--results``; rerunning
 skips finished runs, ``--force`` redoes them):
   lr     LAMB at the moderate batch, seed 0, lr in ``--lrs``
-  main   LAMB and VRLAMB at the moderate and large batch, n = ``--n``, ``--seeds``
-  gamma  VRLAMB at the large batch, gamma in ``--gammas``, ``--sweep-seeds``
+  main   LAMB and VRLAMB at every batch of ``--batches``, n = ``--n``, ``--seeds``
+  gamma  VRLAMB at the large batch (the last of ``--batches``), gamma in ``--gammas``, ``--sweep-seeds``
   n      VRLAMB at the large batch, n in ``--ns`` (global batch fixed), ``--sweep-seeds``
 (the sweeps' LAMB reference, gamma 0, is main's LAMB at the large batch: run main first)
 """
@@ -251,7 +252,7 @@ def experiment_specs(name: str, args) -> list[RunSpec]:
     if name == "lr":
         return [replace(base_spec(args, "LAMB", args.moderate_batch, 0), lr=lr) for lr in args.lrs]
     if name == "main":
-        return [base_spec(args, opt, batch, seed) for batch in (args.moderate_batch, args.large_batch)
+        return [base_spec(args, opt, batch, seed) for batch in args.batches
                 for opt in ("LAMB", "VRLAMB") for seed in args.seeds]
     if name in ("gamma", "n"):  # the LAMB reference (gamma 0) comes from main
         return [spec for value in (args.gammas if name == "gamma" else args.ns)
@@ -337,46 +338,45 @@ def steps_ratio(lamb: list[dict], vr: list[dict], target: float) -> str:
     return f"{bound}{mean_std(lamb_steps)[0] / mean_std(vr_steps)[0]:.2f}"
 
 
-def result_headers(targets: dict[str, float]) -> list[str]:
-    return (["held-out loss", "held-out acc %", "train loss", "gap (loss)", "gap (acc pp)"]
-            + [f"steps to {name} = {value:.4f}" for name, value in targets.items()] + ["wall s/run"])
+RESULT_HEADERS = ["held-out loss", "held-out acc %", "train loss", "gap (loss)", "gap (acc pp)",
+                  "steps to T_moderate", "steps to T_batch", "wall s/run"]
 
 
-def result_cells(records: list[dict], targets: dict[str, float]) -> list[str]:
-    """The cells under :func:`result_headers`: final losses/accuracies, gap, steps to each target, wall time."""
-    cells = [fmt_mean_std(r["final"]["heldout_loss"] for r in records),
-             fmt_mean_std((r["final"]["heldout_acc"] for r in records), 100, 2),
-             fmt_mean_std(r["final"]["train_loss"] for r in records),
-             fmt_mean_std(r["final"]["gap_loss"] for r in records),
-             fmt_mean_std((r["final"]["gap_acc"] for r in records), 100, 2)]
-    cells += [fmt_steps(records, target) for target in targets.values()]
-    return cells + [f"{mean_std(r['wall_s'] for r in records)[0]:.0f}"]
+def result_cells(records: list[dict], t_moderate: float, t_batch: float) -> list[str]:
+    """The cells under RESULT_HEADERS: final losses/accuracies, gap, steps to both targets, wall time."""
+    return [fmt_mean_std(r["final"]["heldout_loss"] for r in records),
+            fmt_mean_std((r["final"]["heldout_acc"] for r in records), 100, 2),
+            fmt_mean_std(r["final"]["train_loss"] for r in records),
+            fmt_mean_std(r["final"]["gap_loss"] for r in records),
+            fmt_mean_std((r["final"]["gap_acc"] for r in records), 100, 2),
+            fmt_steps(records, t_moderate), fmt_steps(records, t_batch),
+            f"{mean_std(r['wall_s'] for r in records)[0]:.0f}"]
 
 
-def main_table(args, runs: dict, targets: dict[str, float]) -> str:
+def main_table(runs: dict, targets: dict[int, float]) -> str:
     rows = []
     for (opt, batch), records in runs.items():
         spec = records[0]["spec"]
-        rows.append([opt, batch, spec["n"], spec["gamma"], f"{spec['lr']:.3g}", records[0]["steps"], len(records)]
-                    + result_cells(records, targets))
-    return table(["optimizer", "batch", "n", "gamma", "peak lr", "steps", "seeds"] + result_headers(targets), rows)
+        rows.append([opt, batch, spec["n"], spec["gamma"], f"{spec['lr']:.3g}", records[0]["steps"], len(records),
+                     f"{targets[batch]:.4f}"] + result_cells(records, targets[min(targets)], targets[batch]))
+    return table(["optimizer", "batch", "n", "gamma", "peak lr", "steps", "seeds", "T_batch"] + RESULT_HEADERS, rows)
 
 
-def ratio_table(args, runs: dict, targets: dict[str, float]) -> str:
+def ratio_table(args, runs: dict, targets: dict[int, float]) -> str:
     """VRLAMB relative to LAMB at each batch: final loss/accuracy differences, gap change, steps-to-target ratios."""
     rows = []
-    for batch in (args.moderate_batch, args.large_batch):
+    for batch in args.batches:
         lamb, vr = runs[("LAMB", batch)], runs[("VRLAMB", batch)]
         rows.append([batch, f"{final_mean(vr, 'heldout_loss') - final_mean(lamb, 'heldout_loss'):+.4f}",
                      f"{100 * (final_mean(vr, 'heldout_acc') - final_mean(lamb, 'heldout_acc')):+.2f}",
-                     f"{100 * (final_mean(vr, 'gap_loss') / final_mean(lamb, 'gap_loss') - 1):+.1f}%"]
-                    + [steps_ratio(lamb, vr, target) for target in targets.values()])
-    headers = ["batch", "Δ held-out loss (VR - LAMB)", "Δ held-out acc pp", "gap (loss) change"]
-    return table(headers + [f"LAMB steps / VRLAMB steps to {name}" for name in targets], rows)
+                     f"{100 * (final_mean(vr, 'gap_loss') / final_mean(lamb, 'gap_loss') - 1):+.1f}%",
+                     steps_ratio(lamb, vr, targets[args.moderate_batch]), steps_ratio(lamb, vr, targets[batch])])
+    return table(["batch", "Δ held-out loss (VR - LAMB)", "Δ held-out acc pp", "gap (loss) change",
+                  "LAMB steps / VRLAMB steps to T_moderate", "LAMB steps / VRLAMB steps to T_batch"], rows)
 
 
-def sweep_table(args, field: str, values: list, targets: dict[str, float]) -> str:
-    """One row per swept value of ``field``, with the GSNR statistics of the last step."""
+def sweep_table(args, field: str, values: list, targets: dict[int, float]) -> str:
+    """One row per swept value of ``field`` at the large batch, with the GSNR statistics of the last step."""
     rows = []
     for value in values:
         records = records_of(args, sweep_specs(args, field, value))
@@ -385,9 +385,9 @@ def sweep_table(args, field: str, values: list, targets: dict[str, float]) -> st
         last = [r["curve"][-1] for r in records]
         gsnr = ([fmt_mean_std(c["frac_low"] + c["frac_high"] for c in last),
                  fmt_mean_std((c["b_simple"] for c in last), digits=0)] if "b_simple" in last[0] else ["—", "—"])
-        rows.append([value, len(records)] + result_cells(records, targets) + gsnr)
-    return table([field, "seeds"] + result_headers(targets) + ["rho at bounds (last step)", "B_simple (last step)"],
-                 rows)
+        rows.append([value, len(records)] + result_cells(records, targets[args.moderate_batch],
+                                                         targets[args.large_batch]) + gsnr)
+    return table([field, "seeds"] + RESULT_HEADERS + ["rho at bounds (last step)", "B_simple (last step)"], rows)
 
 
 def lr_table(args) -> str:
@@ -397,22 +397,22 @@ def lr_table(args) -> str:
     return table(["peak lr", "held-out loss", "held-out acc %", "train loss", "wall s"], rows)
 
 
-def plot_curves(args, runs: dict, targets: dict[str, float]) -> str:
+def plot_curves(args, runs: dict, targets: dict[int, float]) -> str:
     """Held-out loss vs training sequences, one panel per batch size: mean over seeds, band = min..max."""
     plt = pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    for ax, batch in zip(axes, (args.moderate_batch, args.large_batch)):
+    figure, axes = plt.subplots(1, len(args.batches), figsize=(5.5 * len(args.batches), 4.2), sharey=True)
+    for ax, batch in zip(axes, args.batches):
         for opt, color in (("LAMB", "tab:blue"), ("VRLAMB", "tab:red")):
             curves = [r["curve"] for r in runs[(opt, batch)]]
             losses = torch.tensor([[point["heldout_loss"] for point in curve] for curve in curves])
             samples = [point["samples"] for point in curves[0]]
             ax.plot(samples, losses.mean(0), color=color, label=f"{opt} ({len(curves)} seeds)")
             ax.fill_between(samples, losses.min(0).values, losses.max(0).values, color=color, alpha=0.2)
-        for (name, value), style in zip(targets.items(), (":", "--")):
-            ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=name)
+        ax.axhline(targets[args.moderate_batch], color="gray", linestyle=":", linewidth=1, label="T_moderate")
+        ax.axhline(targets[batch], color="gray", linestyle="--", linewidth=1, label="T_batch")
         ax.set_title(f"batch {batch} ({args.samples // batch} steps)")
         ax.set_xlabel("training sequences")
-        ax.set_ylim(top=max(targets.values()) + 1.5)
+        ax.set_ylim(top=max(targets.values()) + 1.0)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out MLM loss")
     axes[0].legend()
@@ -420,10 +420,9 @@ def plot_curves(args, runs: dict, targets: dict[str, float]) -> str:
     return save_figure(figure, "mlm_heldout_loss", args.img_dir, args.doc)
 
 
-def plot_sweeps(args, targets: dict[str, float]) -> str:
+def plot_sweeps(args, targets: dict[int, float]) -> str:
     """Final held-out loss (mean; bars min..max over seeds) against gamma and against n; LAMB as a line."""
     plt = pyplot()
-    lamb = records_of(args, sweep_specs(args, "gamma", 0.0))
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, field, values in ((axes[0], "gamma", args.gammas), (axes[1], "n", args.ns)):
         losses = {v: [r["final"]["heldout_loss"] for r in records_of(args, sweep_specs(args, field, v))]
@@ -433,8 +432,9 @@ def plot_sweeps(args, targets: dict[str, float]) -> str:
         spread = torch.stack([means - torch.stack([ls.min() for ls in losses.values()]),
                               torch.stack([ls.max() for ls in losses.values()]) - means])
         ax.errorbar(list(losses), means, yerr=spread, fmt="o-", color="tab:red", capsize=3, label="VRLAMB")
-        ax.axhline(final_mean(lamb, "heldout_loss"), color="tab:blue", linestyle="--", label="LAMB")
-        ax.axhline(targets["T_large"], color="gray", linestyle=":", linewidth=1, label="T_large")
+        lamb = records_of(args, sweep_specs(args, "gamma", 0.0))
+        ax.axhline(final_mean(lamb, "heldout_loss"), color="tab:blue", linestyle="--", label="LAMB, same seeds")
+        ax.axhline(targets[args.large_batch], color="gray", linestyle=":", linewidth=1, label="T_batch")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("gamma" if field == "gamma" else "n (GSNR samples per step)")
         ax.grid(alpha=0.3)
@@ -456,14 +456,13 @@ def total_wall_minutes(args) -> float:
 def report(args) -> str:
     """Markdown of all tables and plots from the cached runs; also written into ``--doc``'s generated block."""
     runs = {(opt, batch): records_of(args, [base_spec(args, opt, batch, s) for s in args.seeds])
-            for batch in (args.moderate_batch, args.large_batch) for opt in ("LAMB", "VRLAMB")}
+            for batch in args.batches for opt in ("LAMB", "VRLAMB")}
     if not all(runs.values()):
         raise SystemExit("the main experiment has no cached runs for some settings: run --experiment main first")
-    targets = {"T_moderate": final_mean(runs[("LAMB", args.moderate_batch)], "heldout_loss"),
-               "T_large": final_mean(runs[("LAMB", args.large_batch)], "heldout_loss")}
+    targets = {batch: final_mean(runs[("LAMB", batch)], "heldout_loss") for batch in args.batches}
     large = args.large_batch
     markdown = "\n\n".join([
-        "#### Main comparison (mean ± std over seeds)", main_table(args, runs, targets),
+        "#### Main comparison (mean ± std over seeds)", main_table(runs, targets),
         "#### VRLAMB relative to LAMB (means over seeds)", ratio_table(args, runs, targets),
         f"![held-out loss curves]({plot_curves(args, runs, targets)})",
         f"#### gamma sweep: batch {large}, n = {args.n} (gamma 0 = LAMB)",
@@ -494,8 +493,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--samples", type=int, default=40960, help="training sequences per run")
-    p.add_argument("--moderate-batch", type=int, default=64)
-    p.add_argument("--large-batch", type=int, default=512)
+    p.add_argument("--batches", type=comma_ints, default=[64, 256, 512],
+                   help="global batches of main: the first is the moderate one (lr reference), the last the large "
+                        "one (sweeps)")
     p.add_argument("--n", type=int, default=8, help="micro-batches (GSNR samples) per step")
     p.add_argument("--gamma", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=5e-3, help="peak lr at the moderate batch (sqrt-scaled)")
@@ -516,10 +516,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         quick = tempfile.mkdtemp(prefix="mlm_large_batch_quick_")
         args.__dict__.update(data=os.path.join(quick, "data"), results=os.path.join(quick, "results"),
                              doc=os.path.join(quick, "results.md"), img_dir=os.path.join(quick, "img"),
-                             max_bytes=args.max_bytes or 300_000, samples=256, moderate_batch=16, large_batch=64,
+                             max_bytes=args.max_bytes or 300_000, samples=256, batches=[16, 64],
                              n=4, seeds=[0], sweep_seeds=[0], gammas=[0.3], ns=[2], lrs=[args.lr], eval_points=2)
-    if args.moderate_batch % args.n or any(args.large_batch % n for n in [args.n, *args.ns]):
-        p.error("--moderate-batch must be a multiple of --n and --large-batch of --n and of every --ns")
+    args.moderate_batch, args.large_batch = args.batches[0], args.batches[-1]
+    if any(batch % args.n for batch in args.batches) or any(args.large_batch % n for n in args.ns):
+        p.error("every --batches must be a multiple of --n, and the last also of every --ns")
     args.fingerprint = None  # set by ensure_data
     return args
 
