@@ -60,6 +60,12 @@ def fmt_mean_std(values: Iterable[float], scale: float = 1.0, digits: int = 3) -
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+def paired_differences(runs: Sequence[dict], baselines: Sequence[dict], value: Callable[[dict], float]) -> list[float]:
+    """value(run) - value(baseline) for each run and the baseline of the same seed (``run["spec"]["seed"]``)."""
+    by_seed = {b["spec"]["seed"]: b for b in baselines}
+    return [value(r) - value(by_seed[r["spec"]["seed"]]) for r in runs if r["spec"]["seed"] in by_seed]
+
+
 def run_parallel(function: Callable, specs: Sequence, jobs: int, threads: int = 1) -> Iterator[tuple]:
     """Yield ``(spec, function(spec))`` as runs finish, in ``jobs`` processes of ``threads`` torch threads each.
 

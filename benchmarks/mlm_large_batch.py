@@ -1,11 +1,11 @@
 """Large-batch BERT MLM pretraining on a real corpus: LAMB vs VRLAMB, plus gamma and n sweeps.
 
     python benchmarks/mlm_large_batch.py --quick                 # smoke test (~1 min), writes to a temp dir
-    python benchmarks/mlm_large_batch.py --experiment lr  --jobs 2
-    python benchmarks/mlm_large_batch.py --experiment main --jobs 2 --lr LR
-    python benchmarks/mlm_large_batch.py --experiment gamma --jobs 2 --lr LR
-    python benchmarks/mlm_large_batch.py --experiment n --jobs 2 --lr LR
-    python benchmarks/mlm_large_batch.py --report --lr LR       # tables -> docs/results.md, plots -> docs/img/
+    python benchmarks/mlm_large_batch.py --experiment lr --jobs 2     # then pass the best as --lr
+    python benchmarks/mlm_large_batch.py --experiment main --jobs 2
+    python benchmarks/mlm_large_batch.py --experiment gamma --jobs 2
+    python benchmarks/mlm_large_batch.py --experiment n --jobs 2
+    python benchmarks/mlm_large_batch.py --report                # tables -> docs/results.md, plots -> docs/img/
 
 Setup. Data: ``python -m ds_vrgd.pretrain.data`` output (prepared into
 ``--data`` on first use from the embedded stdlib-docstring corpus, or from
@@ -45,9 +45,10 @@ Experiments (each run is cached as one JSON in ``--results``; rerunning
 skips finished runs, ``--force`` redoes them):
   lr     LAMB at the moderate batch, seed 0, lr in ``--lrs``
   main   LAMB and VRLAMB at every batch of ``--batches``, n = ``--n``, ``--seeds``
-  gamma  VRLAMB at the large batch (the last of ``--batches``), gamma in ``--gammas``, ``--sweep-seeds``
-  n      VRLAMB at the large batch, n in ``--ns`` (global batch fixed), ``--sweep-seeds``
-(the sweeps' LAMB reference, gamma 0, is main's LAMB at the large batch: run main first)
+  gamma  VRLAMB at each of ``--sweep-batches`` (default: the first and the last of ``--batches``),
+         gamma in ``--gammas``, ``--sweep-seeds``
+  n      VRLAMB at each of ``--sweep-batches``, n in ``--ns`` (global batch fixed), ``--sweep-seeds``
+(the sweeps' LAMB reference, gamma 0, is main's LAMB at the same batch: run main first)
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -75,6 +77,7 @@ from _experiments import (
     comma_ints,
     fmt_mean_std,
     mean_std,
+    paired_differences,
     pyplot,
     run_parallel,
     save_figure,
@@ -240,11 +243,11 @@ def base_spec(args, optimizer: str, batch: int, seed: int) -> RunSpec:
                    preset=args.preset, seq_len=args.seq_len)
 
 
-def sweep_specs(args, field: str, value) -> list[RunSpec]:
-    """The sweep runs of one value of ``field`` ("gamma" or "n") at the large batch; gamma 0 is LAMB."""
+def sweep_specs(args, field: str, value, batch: int) -> list[RunSpec]:
+    """The sweep runs of one value of ``field`` ("gamma" or "n") at ``batch``; gamma 0 is LAMB."""
     if field == "gamma" and value == 0:
-        return [base_spec(args, "LAMB", args.large_batch, seed) for seed in args.sweep_seeds]
-    return [replace(base_spec(args, "VRLAMB", args.large_batch, seed), **{field: value}) for seed in args.sweep_seeds]
+        return [base_spec(args, "LAMB", batch, seed) for seed in args.sweep_seeds]
+    return [replace(base_spec(args, "VRLAMB", batch, seed), **{field: value}) for seed in args.sweep_seeds]
 
 
 def experiment_specs(name: str, args) -> list[RunSpec]:
@@ -255,8 +258,8 @@ def experiment_specs(name: str, args) -> list[RunSpec]:
         return [base_spec(args, opt, batch, seed) for batch in args.batches
                 for opt in ("LAMB", "VRLAMB") for seed in args.seeds]
     if name in ("gamma", "n"):  # the LAMB reference (gamma 0) comes from main
-        return [spec for value in (args.gammas if name == "gamma" else args.ns)
-                for spec in sweep_specs(args, name, value)]
+        return [spec for batch in args.sweep_batches for value in (args.gammas if name == "gamma" else args.ns)
+                for spec in sweep_specs(args, name, value, batch)]
     raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
 
 
@@ -311,35 +314,46 @@ def steps_to_target(curve: list[dict], target: float) -> float | None:
     return None
 
 
+def mean_curve(records: list[dict]) -> list[dict]:
+    """The seed-mean held-out loss curve of runs that share their evaluation steps."""
+    return [{"step": point["step"], "heldout_loss": mean_std(r["curve"][i]["heldout_loss"] for r in records)[0]}
+            for i, point in enumerate(records[0]["curve"])]
+
+
 def fmt_steps(records: list[dict], target: float) -> str:
-    """'mean ± std (k/N)' of the steps to ``target`` over the runs that reached it."""
-    reached = [s for s in (steps_to_target(r["curve"], target) for r in records) if s is not None]
-    if not reached:
-        return f"not reached (0/{len(records)})"
-    return f"{fmt_mean_std(reached, digits=0)} ({len(reached)}/{len(records)})"
+    """Steps of the seed-mean curve to ``target`` ('—' if it never gets there), and how many seeds get there."""
+    steps = steps_to_target(mean_curve(records), target)
+    reached = sum(steps_to_target(r["curve"], target) is not None for r in records)
+    return f"{'—' if steps is None else f'{steps:.0f}'} ({reached}/{len(records)} seeds)"
 
 
 def final_mean(records: list[dict], key: str) -> float:
     return mean_std(r["final"][key] for r in records)[0]
 
 
-def steps_ratio(lamb: list[dict], vr: list[dict], target: float) -> str:
-    """Mean steps of LAMB to ``target`` / mean steps of VRLAMB.
+def final_of(key: str) -> Callable[[dict], float]:
+    """A function of a run record: its final ``key``."""
+    return lambda record: record["final"][key]
 
-    A LAMB run that never reaches it counts its total steps (the ratio is then
-    a lower bound, marked ≥); '—' when a VRLAMB run does not reach it.
+
+def steps_ratio(lamb: list[dict], vr: list[dict], target: float) -> str:
+    """LAMB's steps / VRLAMB's steps to ``target``, on the seed-mean curves.
+
+    Per seed the ratio is often undefined: by construction about half of LAMB's
+    own seeds end above their mean final loss. When LAMB's mean curve never
+    gets there its total steps count (a lower bound, marked ≥).
     """
-    vr_steps = [steps_to_target(r["curve"], target) for r in vr]
-    if None in vr_steps:
-        return f"— (VRLAMB reached it in {len(vr_steps) - vr_steps.count(None)}/{len(vr_steps)})"
-    lamb_steps = [steps_to_target(r["curve"], target) for r in lamb]
-    bound = "≥ " if None in lamb_steps else ""
-    lamb_steps = [s if s is not None else r["steps"] for s, r in zip(lamb_steps, lamb)]
-    return f"{bound}{mean_std(lamb_steps)[0] / mean_std(vr_steps)[0]:.2f}"
+    vr_steps = steps_to_target(mean_curve(vr), target)
+    if vr_steps is None:
+        return "— (VRLAMB does not reach it)"
+    lamb_steps = steps_to_target(mean_curve(lamb), target)
+    if lamb_steps is None:
+        return f"≥ {lamb[0]['steps'] / vr_steps:.2f}"
+    return f"{lamb_steps / vr_steps:.2f}"
 
 
 RESULT_HEADERS = ["held-out loss", "held-out acc %", "train loss", "gap (loss)", "gap (acc pp)",
-                  "steps to T_moderate", "steps to T_batch", "wall s/run"]
+                  "steps to T_moderate (mean curve)", "steps to T_batch (mean curve)", "wall s/run"]
 
 
 def result_cells(records: list[dict], t_moderate: float, t_batch: float) -> list[str]:
@@ -367,27 +381,31 @@ def ratio_table(args, runs: dict, targets: dict[int, float]) -> str:
     rows = []
     for batch in args.batches:
         lamb, vr = runs[("LAMB", batch)], runs[("VRLAMB", batch)]
-        rows.append([batch, f"{final_mean(vr, 'heldout_loss') - final_mean(lamb, 'heldout_loss'):+.4f}",
-                     f"{100 * (final_mean(vr, 'heldout_acc') - final_mean(lamb, 'heldout_acc')):+.2f}",
+        rows.append([batch, len(paired_differences(vr, lamb, final_of("heldout_loss"))),
+                     fmt_mean_std(paired_differences(vr, lamb, final_of("heldout_loss")), digits=4),
+                     fmt_mean_std(paired_differences(vr, lamb, final_of("heldout_acc")), 100, 2),
+                     fmt_mean_std(paired_differences(vr, lamb, final_of("gap_loss")), digits=4),
                      f"{100 * (final_mean(vr, 'gap_loss') / final_mean(lamb, 'gap_loss') - 1):+.1f}%",
                      steps_ratio(lamb, vr, targets[args.moderate_batch]), steps_ratio(lamb, vr, targets[batch])])
-    return table(["batch", "Δ held-out loss (VR - LAMB)", "Δ held-out acc pp", "gap (loss) change",
+    return table(["batch", "seed pairs", "Δ held-out loss", "Δ held-out acc pp", "Δ gap (loss)", "gap (loss) change",
                   "LAMB steps / VRLAMB steps to T_moderate", "LAMB steps / VRLAMB steps to T_batch"], rows)
 
 
 def sweep_table(args, field: str, values: list, targets: dict[int, float]) -> str:
-    """One row per swept value of ``field`` at the large batch, with the GSNR statistics of the last step."""
+    """One row per sweep batch and value of ``field``, with the GSNR statistics of the last step."""
     rows = []
-    for value in values:
-        records = records_of(args, sweep_specs(args, field, value))
-        if not records:
-            continue
-        last = [r["curve"][-1] for r in records]
-        gsnr = ([fmt_mean_std(c["frac_low"] + c["frac_high"] for c in last),
-                 fmt_mean_std((c["b_simple"] for c in last), digits=0)] if "b_simple" in last[0] else ["—", "—"])
-        rows.append([value, len(records)] + result_cells(records, targets[args.moderate_batch],
-                                                         targets[args.large_batch]) + gsnr)
-    return table([field, "seeds"] + RESULT_HEADERS + ["rho at bounds (last step)", "B_simple (last step)"], rows)
+    for batch in args.sweep_batches:
+        for value in values:
+            records = records_of(args, sweep_specs(args, field, value, batch))
+            if not records:
+                continue
+            last = [r["curve"][-1] for r in records]
+            gsnr = ([fmt_mean_std(c["frac_low"] + c["frac_high"] for c in last),
+                     fmt_mean_std((c["b_simple"] for c in last), digits=0)] if "b_simple" in last[0] else ["—", "—"])
+            rows.append([batch, value, len(records)]
+                        + result_cells(records, targets[args.moderate_batch], targets[batch]) + gsnr)
+    return table(["batch", field, "seeds"] + RESULT_HEADERS + ["rho at bounds (last step)", "B_simple (last step)"],
+                 rows)
 
 
 def lr_table(args) -> str:
@@ -420,27 +438,24 @@ def plot_curves(args, runs: dict, targets: dict[int, float]) -> str:
     return save_figure(figure, "mlm_heldout_loss", args.img_dir, args.doc)
 
 
-def plot_sweeps(args, targets: dict[int, float]) -> str:
-    """Final held-out loss (mean; bars min..max over seeds) against gamma and against n; LAMB as a line."""
+def plot_sweeps(args) -> str:
+    """Final held-out loss minus LAMB's (same seed and batch) against gamma and against n, one line per batch."""
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, field, values in ((axes[0], "gamma", args.gammas), (axes[1], "n", args.ns)):
-        losses = {v: [r["final"]["heldout_loss"] for r in records_of(args, sweep_specs(args, field, v))]
-                  for v in values}
-        losses = {v: torch.tensor(ls) for v, ls in losses.items() if ls}
-        means = torch.stack([ls.mean() for ls in losses.values()])
-        spread = torch.stack([means - torch.stack([ls.min() for ls in losses.values()]),
-                              torch.stack([ls.max() for ls in losses.values()]) - means])
-        ax.errorbar(list(losses), means, yerr=spread, fmt="o-", color="tab:red", capsize=3, label="VRLAMB")
-        lamb = records_of(args, sweep_specs(args, "gamma", 0.0))
-        ax.axhline(final_mean(lamb, "heldout_loss"), color="tab:blue", linestyle="--", label="LAMB, same seeds")
-        ax.axhline(targets[args.large_batch], color="gray", linestyle=":", linewidth=1, label="T_batch")
+        for batch, color in zip(args.sweep_batches, ("tab:green", "tab:red", "tab:purple")):
+            lamb = records_of(args, sweep_specs(args, "gamma", 0.0, batch))
+            deltas = {v: paired_differences(records_of(args, sweep_specs(args, field, v, batch)), lamb,
+                                            final_of("heldout_loss")) for v in values}
+            deltas = {v: d for v, d in deltas.items() if d}
+            ax.plot(list(deltas), [mean_std(d)[0] for d in deltas.values()], "o-", color=color, label=f"batch {batch}")
+        ax.axhline(0.0, color="tab:blue", linestyle="--", label="LAMB")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("gamma" if field == "gamma" else "n (GSNR samples per step)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final held-out MLM loss")
+    axes[0].set_ylabel("final held-out loss: VRLAMB - LAMB")
     axes[0].legend()
-    figure.suptitle(f"batch {args.large_batch}, seeds {args.sweep_seeds}: final held-out loss (bars: min..max)")
+    figure.suptitle(f"sweeps, seeds {args.sweep_seeds}: VRLAMB's final held-out loss relative to LAMB's (lower is better)")
     return save_figure(figure, "mlm_sweeps", args.img_dir, args.doc)
 
 
@@ -460,15 +475,14 @@ def report(args) -> str:
     if not all(runs.values()):
         raise SystemExit("the main experiment has no cached runs for some settings: run --experiment main first")
     targets = {batch: final_mean(runs[("LAMB", batch)], "heldout_loss") for batch in args.batches}
-    large = args.large_batch
     markdown = "\n\n".join([
         "#### Main comparison (mean ± std over seeds)", main_table(runs, targets),
-        "#### VRLAMB relative to LAMB (means over seeds)", ratio_table(args, runs, targets),
+        ("#### VRLAMB relative to LAMB\n\nΔ = VRLAMB - LAMB of the same seed, mean ± std over seed pairs; "
+         "the step ratios come from the seed-mean curves."), ratio_table(args, runs, targets),
         f"![held-out loss curves]({plot_curves(args, runs, targets)})",
-        f"#### gamma sweep: batch {large}, n = {args.n} (gamma 0 = LAMB)",
-        sweep_table(args, "gamma", [0.0, *args.gammas], targets),
-        f"#### n sweep: batch {large}, gamma = {args.gamma}", sweep_table(args, "n", args.ns, targets),
-        f"![gamma and n sweeps]({plot_sweeps(args, targets)})",
+        f"#### gamma sweep: n = {args.n} (gamma 0 = LAMB)", sweep_table(args, "gamma", [0.0, *args.gammas], targets),
+        f"#### n sweep: gamma = {args.gamma}, global batch fixed", sweep_table(args, "n", args.ns, targets),
+        f"![gamma and n sweeps]({plot_sweeps(args)})",
         f"#### lr grid: LAMB, batch {args.moderate_batch}, seed 0", lr_table(args),
         (f"{len(os.listdir(args.results))} runs cached in `{os.path.relpath(args.results, REPO)}`; their wall "
          f"times add up to {total_wall_minutes(args):.0f} min."),
@@ -498,10 +512,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "one (sweeps)")
     p.add_argument("--n", type=int, default=8, help="micro-batches (GSNR samples) per step")
     p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=5e-3, help="peak lr at the moderate batch (sqrt-scaled)")
+    p.add_argument("--lr", type=float, default=0.02,
+                   help="peak lr at the moderate batch, sqrt-scaled to the others (0.02: the best of the lr grid)")
     p.add_argument("--lrs", type=comma_floats, default=[2.5e-3, 5e-3, 1e-2, 2e-2], help="grid of --experiment lr")
     p.add_argument("--seeds", type=comma_ints, default=[0, 1, 2])
-    p.add_argument("--sweep-seeds", type=comma_ints, default=[0, 1])
+    p.add_argument("--sweep-seeds", type=comma_ints, default=[0])
+    p.add_argument("--sweep-batches", type=comma_ints,
+                   help="batches of the sweeps (default: the first and the last of --batches)")
     p.add_argument("--gammas", type=comma_floats, default=[0.05, 0.1, 0.3, 1.0])
     p.add_argument("--ns", type=comma_ints, default=[2, 4, 8, 16])
     p.add_argument("--eval-points", type=int, default=16)
@@ -519,8 +536,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              max_bytes=args.max_bytes or 300_000, samples=256, batches=[16, 64],
                              n=4, seeds=[0], sweep_seeds=[0], gammas=[0.3], ns=[2], lrs=[args.lr], eval_points=2)
     args.moderate_batch, args.large_batch = args.batches[0], args.batches[-1]
-    if any(batch % args.n for batch in args.batches) or any(args.large_batch % n for n in args.ns):
-        p.error("every --batches must be a multiple of --n, and the last also of every --ns")
+    args.sweep_batches = args.sweep_batches or sorted({args.moderate_batch, args.large_batch})
+    if not set(args.sweep_batches) <= set(args.batches):
+        p.error("every --sweep-batches must be one of --batches (its LAMB runs are the reference)")
+    if any(batch % n for batch in args.batches for n in [args.n, *args.ns]):
+        p.error("every --batches must be a multiple of --n and of every --ns")
     args.fingerprint = None  # set by ensure_data
     return args
 
