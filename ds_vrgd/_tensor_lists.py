@@ -2,9 +2,11 @@
 
 The update rules and the GSNR transform are written once against
 :class:`ListOps`. ``ListOps(foreach=True)`` sends every call to the fused
-multi-tensor kernel (one launch per list on an accelerator); ``foreach=False``
-loops over the tensors with the ordinary in-place methods and avoids
-temporaries (``out=``), which is faster on CPU. Both give the same numbers.
+multi-tensor kernel (one launch per list on an accelerator, whose caching
+allocator makes temporaries cheap); ``foreach=False`` loops over the tensors
+with the ordinary methods and takes its temporaries from a :class:`Scratch`
+pool (on CPU a fresh allocation is fresh pages, and faulting them in costs
+more than the op). Both give the same numbers.
 
 An argument named ``scalars`` may be one number or one number per tensor.
 Reductions return a 1-D fp32 tensor with one value per list entry.
@@ -39,6 +41,38 @@ def square_into(out: Tensor, x: Tensor) -> None:
         out.mul_(out)
 
 
+class Scratch:
+    """Reusable flat buffers for temporaries that die with the block of work that made them.
+
+    :meth:`take` hands out views of chunks allocated once and kept; :meth:`reset`
+    makes every chunk available again (the views taken before must be dead).
+    """
+
+    def __init__(self, chunk_numel: int):
+        self._chunk_numel = chunk_numel
+        self._chunks: dict[tuple, list[Tensor]] = {}
+        self._cursor: dict[tuple, tuple[int, int]] = {}  # key -> (chunk index, elements used in it)
+
+    def reset(self) -> None:
+        self._cursor.clear()
+
+    def take(self, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """An uninitialised contiguous tensor shaped like ``like`` (dtype: like's unless given)."""
+        key = (like.device, dtype or like.dtype)
+        chunks = self._chunks.setdefault(key, [])
+        index, used = self._cursor.get(key, (0, 0))
+        numel = like.numel()
+        while index < len(chunks) and used + numel > chunks[index].numel():
+            index, used = index + 1, 0
+        if index == len(chunks):
+            chunks.append(torch.empty(max(numel, self._chunk_numel), dtype=key[1], device=key[0]))
+        self._cursor[key] = (index, used + numel)
+        return chunks[index].narrow(0, used, numel).view(like.shape)
+
+    def like(self, xs: TensorList, dtype: torch.dtype | None = None) -> TensorList:
+        return [self.take(x, dtype) for x in xs]
+
+
 def _skip_empty(method):
     """In-place list ops do nothing on an empty list (torch's foreach kernels reject one)."""
 
@@ -51,10 +85,21 @@ def _skip_empty(method):
 
 
 class ListOps:
-    """In-place, creating and reducing element-wise ops over tensor lists."""
+    """In-place, creating and reducing element-wise ops over tensor lists.
 
-    def __init__(self, foreach: bool):
+    Creating ops return temporaries: from ``scratch`` in the loop path (valid
+    until its next reset), new tensors with ``keep=True`` or in the foreach path.
+    """
+
+    def __init__(self, foreach: bool, scratch: Scratch | None = None):
         self.foreach = foreach
+        self.scratch = scratch
+
+    def _outputs(self, xs: TensorList, dtype: torch.dtype | None = None, keep: bool = False) -> list:
+        """Where the loop path writes a creating op's results: scratch views, or None (allocate)."""
+        if keep or self.scratch is None:
+            return [None] * len(xs)
+        return self.scratch.like(xs, dtype)
 
     # ------------------------------------------------------------ in place
     @_skip_empty
@@ -185,31 +230,36 @@ class ListOps:
                 x.copy_(y)
 
     # ------------------------------------------------------------ creating
-    def add(self, xs: TensorList, ys: TensorList, alpha: float = 1.0) -> TensorList:
-        """New list x_i + alpha * y_i."""
+    def add(self, xs: TensorList, ys: TensorList, alpha: float = 1.0, keep: bool = False) -> TensorList:
+        """x_i + alpha * y_i (a temporary)."""
         if self.foreach:
             return list(torch._foreach_add(xs, ys, alpha=alpha))
-        return [torch.add(x, y, alpha=alpha) for x, y in zip(xs, ys)]
+        return [torch.add(x, y, alpha=alpha, out=o) for x, y, o in zip(xs, ys, self._outputs(xs, keep=keep))]
 
-    def sqrt(self, xs: TensorList) -> TensorList:
-        """New list sqrt(x_i)."""
+    def sqrt(self, xs: TensorList, keep: bool = False) -> TensorList:
+        """sqrt(x_i) (a temporary)."""
         if self.foreach:
             return list(torch._foreach_sqrt(xs))
-        return [torch.sqrt(x) for x in xs]
+        return [torch.sqrt(x, out=o) for x, o in zip(xs, self._outputs(xs, keep=keep))]
 
     def square_fp32(self, xs: TensorList) -> TensorList:
-        """New fp32 list x_i^2 (inputs of any float dtype are squared in fp32)."""
-        if all(x.dtype == torch.float32 for x in xs):
-            if self.foreach:
-                return list(torch._foreach_mul(xs, xs))
-            return [torch.mul(x, x) for x in xs]
-        squares = [x.float() for x in xs]
-        self.mul_tensors_(squares, squares)
-        return squares
+        """x_i^2 in fp32 (a temporary; inputs of any float dtype are squared in fp32)."""
+        if self.foreach and all(x.dtype == torch.float32 for x in xs):
+            return list(torch._foreach_mul(xs, xs))
+        if self.foreach:
+            squares = [x.float() for x in xs]
+            torch._foreach_mul_(squares, squares)
+            return squares
+        outs = [o if o is not None else torch.empty_like(x, dtype=torch.float32)
+                for x, o in zip(xs, self._outputs(xs, torch.float32))]
+        for out, x in zip(outs, xs):
+            square_into(out, x)
+        return outs
 
-    def clone(self, xs: TensorList) -> TensorList:
-        """New list of copies."""
-        return [x.clone() for x in xs]
+    def clone(self, xs: TensorList, keep: bool = False) -> TensorList:
+        """Copies of x_i (temporaries)."""
+        outs = self._outputs(xs, keep=keep)
+        return [x.clone() if o is None else o.copy_(x) for x, o in zip(xs, outs)]
 
     # ---------------------------------------------------------- reductions
     def sums(self, xs: TensorList) -> Tensor:
@@ -236,7 +286,8 @@ class ListOps:
             above = torch._foreach_sub(xs, bound)
             torch._foreach_sign_(above)
             return torch.tensor([x.numel() for x in xs], device=xs[0].device) - self.sums(above)
-        return torch.stack([torch.count_nonzero(x <= bound) for x in xs]).float()
+        masks = self._outputs(xs, torch.bool)
+        return torch.stack([torch.count_nonzero(torch.le(x, bound, out=m)) for x, m in zip(xs, masks)]).float()
 
     def count_ge(self, xs: TensorList, bound: float) -> Tensor:
         """[len(xs)] counts of elements >= bound, for xs already clamped to [..., bound]."""
@@ -247,4 +298,5 @@ class ListOps:
             torch._foreach_neg_(below)
             torch._foreach_sign_(below)
             return torch.tensor([x.numel() for x in xs], device=xs[0].device) - self.sums(below)
-        return torch.stack([torch.count_nonzero(x >= bound) for x in xs]).float()
+        masks = self._outputs(xs, torch.bool)
+        return torch.stack([torch.count_nonzero(torch.ge(x, bound, out=m)) for x, m in zip(xs, masks)]).float()

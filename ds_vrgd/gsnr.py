@@ -25,7 +25,8 @@ and s = Q / n, so any common scaling of the samples cancels in r, as it must.
 The computation runs in two phases around one cross-rank reduction:
 
 1. :func:`gsnr_ratio` (element-wise, per piece): with z = n a^2,
-   ``r / z = G^2 / (max(Q - z G^2, 0) + n eps)`` and per-piece partial sums;
+   ``r / z = G^2 / (max(Q - z G^2, 0) + n eps)``, written over Q, and
+   per-piece partial sums;
 2. the caller sums the partials per layer (:meth:`LayerTable.layer_sums`),
    then :func:`bound_factor_` turns r / z into rho in place with one scalar
    per piece, z / mean_k(r_k), and counts the elements at the bounds.
@@ -97,7 +98,7 @@ def factor_bounds(gamma: float) -> tuple[float, float]:
 class GsnrRatio:
     """Phase-1 result for a list of pieces.
 
-    ratio:   [P] fp32 tensors r / z (new tensors; :func:`bound_factor_` turns them into rho).
+    ratio:   [P] fp32 tensors r / z (the Q buffers, overwritten; :func:`bound_factor_` turns them into rho).
     scale:   [P] z = n a^2 of each piece, so that r = z * ratio.
     partial: [4, P] per-piece sums of r, m^2, v and G^2 (rows SUM_R, SUM_M2, SUM_V, GRAD_SQ).
     """
@@ -114,12 +115,13 @@ def gsnr_ratio(
 
     grads[p]:       G, any float dtype, = c_p * sum of samples.
     sq_sums[p]:     Q (fp32, same shape) = sum of squared samples. Overwritten
-                    (it is scratch after this call).
+                    by the ratio (Q is not needed after this call).
     mean_scales[p]: a_p = 1 / (c_p * n), so that m = a_p * G.
 
     With z = n a^2: v = max(Q - z G^2, 0) / n and r = z G^2 / (n v + n eps), so
-    ``ratio = G^2 / (max(Q - z G^2, 0) + n eps)``. Element-wise passes: square,
-    scaled subtract, clamp, add, divide, and three sums (G^2, v, ratio).
+    ``ratio = G^2 / (max(Q - z G^2, 0) + n eps)``. Element-wise passes: square
+    (into a temporary), scaled subtract, clamp, add, divide, and three sums
+    (G^2, v, ratio).
     """
     z = [n * a * a for a in mean_scales]
     u = ops.square_fp32(grads)
@@ -128,13 +130,13 @@ def gsnr_ratio(
     ops.clamp_min_(sq_sums, 0.0)
     sum_nv = ops.sums(sq_sums)
     ops.add_scalar_(sq_sums, n * eps_gsnr)
-    ops.div_(u, sq_sums)
-    sum_ratio = ops.sums(u)
+    ops.div_into_(u, sq_sums)  # the ratio replaces Q
+    sum_ratio = ops.sums(sq_sums)
     device = grad_sq.device
     z_t = torch.tensor(z, dtype=torch.float32, device=device)
     a2 = torch.tensor([a * a for a in mean_scales], dtype=torch.float32, device=device)
     partial = torch.stack([sum_ratio * z_t, grad_sq * a2, sum_nv / n, grad_sq])
-    return GsnrRatio(u, z, partial)
+    return GsnrRatio(sq_sums, z, partial)
 
 
 def layer_normalisers(sum_r: Sequence[float], layer_numel: Sequence[int]) -> list[Optional[float]]:

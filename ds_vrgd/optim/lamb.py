@@ -81,12 +81,13 @@ class VRLAMB(VROptimizer):
     uses_layer_norms = True
 
     def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> None:
-        exp_avg, update = self._adam_moments(group, block, block.grads, ops)
+        exp_avg, update = self._adam_moments(group, block, block.grads, ops, keep=rho is None)
         ops.div_into_(exp_avg, update)  # m / (sqrt(v_hat) + eps)
         ops.div_scalar_(update, self._bias_correction1(group, block))
         self._add_weight_decay_(group, block, update, ops)
         if rho is not None:
-            ops.mul_tensors_(update, rho)
+            ops.mul_tensors_(rho, update)  # the update takes rho's memory until phase 3
+            update = rho
         block.update = update
 
     def _trust_ratio(self, group: dict, weight_norm: float, update_norm: float) -> float:
