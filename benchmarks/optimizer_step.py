@@ -64,14 +64,13 @@ VOCAB = 30522
 # From ds_vrgd/optim/_base.py (phases), ds_vrgd/gsnr.py and the rules in ds_vrgd/optim/.
 VR_COLD_BYTES = [
     ("phase 1 reads G (the base reads it again in phase 2)", 4),
-    ("phase 1 reads Q (sum of squared samples)", 4),
-    ("phase 1 writes the GSNR ratio u, phase 2 reads it back", 8),
+    ("phase 1 reads Q (sum of squared samples) and writes the GSNR ratio over it; phase 2 reads it", 12),
     ("||p.grad|| for the rescale c (plain PyTorch and DDP sources; not DeepSpeed)", 4),
 ]
 VR_HOT_PASSES = [
-    "u = G*G", "sum u (||G||^2)", "Q -= z*u", "Q = max(Q, 0)", "sum Q (variance)", "Q += n*eps", "u /= Q",
-    "sum u (layer mean of r)", "u *= z/mean_r", "clamp(u, 1-gamma, 1+gamma)", "count u <= low", "count u >= high",
-    "update *= rho (or denominator /= rho)",
+    "u = G*G", "sum u (||G||^2)", "Q -= z*u", "Q = max(Q, 0)", "sum Q (variance)", "Q += n*eps", "Q = u/Q",
+    "sum Q (layer mean of r)", "Q *= z/mean_r", "clamp(Q, 1-gamma, 1+gamma)",
+    "count Q <= low, Q >= high (on a 2^16-element sample per tile)", "update *= rho (or denominator /= rho)",
 ]
 BASE_COLD_BYTES = {
     "SGD": [("G", 4), ("momentum buffer r/w", 8), ("W r/w", 8)],

@@ -578,3 +578,18 @@ def test_gsnr_stats_noise_ratio_is_scale_invariant():
     assert out[0]["noise_ratio"] == pytest.approx(out[1]["noise_ratio"], rel=1e-5)
     for k in out[0]["layers"]:
         assert out[0]["layers"][k]["gsnr_mean"] == pytest.approx(out[1]["layers"][k]["gsnr_mean"], rel=1e-4)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_bound_counts_exact_for_small_pieces_estimated_for_large(foreach):
+    from ds_vrgd._tensor_lists import ListOps
+    from ds_vrgd.gsnr import COUNT_SAMPLE, bound_counts
+
+    generator = torch.Generator().manual_seed(0)
+    large = (torch.rand(5 * COUNT_SAMPLE + 123, generator=generator) * 0.4 + 0.8).clamp(0.9, 1.1)
+    small = large[:COUNT_SAMPLE].clone()
+    counts = bound_counts([large, small], 0.9, 1.1, ListOps(foreach))
+    exact = torch.tensor([[(x <= 0.9).sum() for x in (large, small)], [(x >= 1.1).sum() for x in (large, small)]])
+    assert torch.equal(counts[:, 1], exact[:, 1].float())
+    assert torch.allclose(counts[:, 0] / large.numel(), exact[:, 0] / large.numel(), atol=0.01)
+    assert not torch.equal(counts[:, 0], exact[:, 0].float())  # it is an estimate (else the test is vacuous)
