@@ -30,7 +30,7 @@ from typing import Iterable, Optional, Protocol
 import torch
 from torch import Tensor
 
-from ds_vrgd._tensor_lists import square_into
+from ds_vrgd._tensor_lists import sq_norm, square_into
 
 
 class MomentSource(Protocol):
@@ -109,7 +109,7 @@ class BackwardHookMoments:
     def _accumulated_hook(capture: _ParamCapture):
         def hook(param: Tensor) -> None:
             with torch.no_grad():
-                capture.grad_norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32)
+                capture.grad_norm = sq_norm(param.grad).sqrt()
 
         return hook
 
@@ -134,7 +134,7 @@ class BackwardHookMoments:
         known = [i for i, c in enumerate(captured) if c is not None and c.grad_norm is not None]
         scales = [1.0] * len(params)
         if known:
-            now = torch.stack([torch.linalg.vector_norm(params[i].grad, dtype=torch.float32) for i in known])
+            now = torch.stack([sq_norm(params[i].grad) for i in known]).sqrt()
             then = torch.stack([captured[i].grad_norm for i in known])
             for i, norm_now, norm_then in zip(known, now.tolist(), then.tolist()):
                 scales[i] = norm_now / norm_then if norm_then > 0.0 else 1.0

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ds_vrgd._tensor_lists import sq_norm
 from ds_vrgd.capture import BackwardHookMoments
 from ds_vrgd.optim import VROptimizer
 
@@ -70,7 +71,7 @@ class DDPMoments(BackwardHookMoments):
             capture = self._current(param)
             if capture is not None:
                 capture.sq.view(-1).copy_(squares.narrow(0, start, numel))
-                capture.grad_norm = torch.linalg.vector_norm(grads.narrow(0, start, numel), dtype=torch.float32)
+                capture.grad_norm = sq_norm(grads.narrow(0, start, numel)).sqrt()
             start += numel
 
 

@@ -123,7 +123,8 @@ def _zero_layers(zero: DeepSpeedZeroOptimizer, names: dict[int, str]) -> list[La
             for r, (low, high) in enumerate(bounds):
                 first, last = max(low, offset), min(high, offset + param.numel())
                 if first < last:
-                    slices.append(OwnedSlice(r, first - offset, last - first, owner if r == rank else None, first - low))
+                    mine = owner if r == rank else None
+                    slices.append(OwnedSlice(r, first - offset, last - first, mine, first - low))
             layers.append(Layer(names.get(id(param), f"group{group}.param{len(layers)}"), param, tuple(slices)))
     return layers
 
