@@ -548,11 +548,21 @@ class VROptimizer(Optimizer):
         return [1.0 - group["betas"][0] ** t for t in block.steps]
 
     @staticmethod
-    def _add_weight_decay_(group: dict, block: Block, update: TensorList, ops: ListOps) -> None:
-        """update += wd * W on the decayed pieces (LARS/LAMB: not ndim <= 1 with exclude_1d)."""
+    def _keep_direction(
+        group: dict, block: Block, update: TensorList, rho: Optional[TensorList], ops: ListOps
+    ) -> None:
+        """LARS/LAMB: rho (.) (update + wd * W) into ``block.update`` for phase 3.
+
+        Weight decay goes to the decayed pieces only (not ndim <= 1 with exclude_1d);
+        with rho the result is written over rho, which the step no longer needs.
+        """
         if group["weight_decay"]:
             decayed = block.decayed(group["exclude_1d"])
             ops.add_([update[i] for i in decayed], [block.params[i] for i in decayed], alpha=group["weight_decay"])
+        if rho is not None:
+            ops.mul_tensors_(rho, update)
+            update = rho
+        block.update = update
 
 
 def _tiles(piece: Piece) -> list[Piece]:

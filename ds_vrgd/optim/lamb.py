@@ -84,11 +84,7 @@ class VRLAMB(VROptimizer):
         exp_avg, update = self._adam_moments(group, block, block.grads, ops, keep=rho is None)
         ops.div_into_(exp_avg, update)  # m / (sqrt(v_hat) + eps)
         ops.div_scalar_(update, self._bias_correction1(group, block))
-        self._add_weight_decay_(group, block, update, ops)
-        if rho is not None:
-            ops.mul_tensors_(rho, update)  # the update takes rho's memory until phase 3
-            update = rho
-        block.update = update
+        self._keep_direction(group, block, update, rho, ops)
 
     def _trust_ratio(self, group: dict, weight_norm: float, update_norm: float) -> float:
         return trust_ratio(weight_norm, update_norm, max_ratio=group["max_trust_ratio"])

@@ -63,12 +63,7 @@ class VRLARS(VROptimizer):
     uses_layer_norms = True
 
     def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> None:
-        update = ops.clone(block.grads, keep=rho is None)
-        self._add_weight_decay_(group, block, update, ops)
-        if rho is not None:
-            ops.mul_tensors_(rho, update)  # the update takes rho's memory until phase 3
-            update = rho
-        block.update = update
+        self._keep_direction(group, block, ops.clone(block.grads, keep=rho is None), rho, ops)
 
     def _trust_ratio(self, group: dict, weight_norm: float, update_norm: float) -> float:
         return trust_ratio(weight_norm, update_norm, coefficient=group["trust_coefficient"])
