@@ -6,8 +6,11 @@ parameter's elements live (:class:`OwnedSlice`) and what the optimizer owns.
 
 Per micro-step (one ``backward()``), on every rank, a tensor hook on each
 parameter receives the local gradient g of that micro-batch and writes g^2
-(fp32) into a reduction bucket. When the bucket is full, and at the end of
-the backward pass, it is reduced along the same path as the gradient:
+(fp32) into one half of a reduction bucket (a parameter that does not fit is
+written in chunks). When the half is full it is reduced asynchronously while
+the hooks fill the other half, so the communication overlaps the rest of the
+backward pass; before a half is refilled, and at the end of the backward
+pass, its reduction is waited for. The reduction follows the gradient's path:
 
 * partitioned (ZeRO 1/2): the slice destined to rank r is ``reduce``-d to r
   (one collective per destination rank present in the bucket, the pattern
@@ -18,7 +21,9 @@ the backward pass, it is reduced along the same path as the gradient:
 
 So after a step's micro-steps, Q = sum over ranks and micro-batches of g^2 for
 exactly the elements this rank's optimizer updates, and n = world_size x
-micro-steps. Extra memory: Q (partition-sized, fp32) plus one fp32 bucket.
+micro-steps. Extra memory: Q (partition-sized, fp32) plus one fp32 bucket
+(the two halves), and a copy of a half's slices for one destination when
+they are not adjacent in it.
 Collectives use their own process group (a clone of the data-parallel group)
 so they never interleave with the engine's own on one communicator.
 
@@ -68,6 +73,16 @@ class Layer:
     slices: tuple[OwnedSlice, ...]
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """Elements [param_start, param_start + numel) of layer ``layer``'s flattened g^2 at ``offset`` of a bucket half."""
+
+    layer: int
+    param_start: int
+    numel: int
+    offset: int
+
+
 class PartitionedMoments:
     """Moment source and piece layout for data parallelism (see module docstring)."""
 
@@ -76,14 +91,16 @@ class PartitionedMoments:
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
-        self._layer_of = {id(layer.param): i for i, layer in enumerate(layers)}
         owners = {id(s.owner): s.owner for layer in layers for s in layer.slices if s.owner is not None}
         self._sq = {key: torch.zeros_like(owner, dtype=torch.float32) for key, owner in owners.items()}
         total = sum(layer.param.numel() for layer in layers)
         device = layers[0].param.device if layers else torch.device("cpu")
-        self._bucket = torch.empty(max(1, min(bucket_numel, total)), dtype=torch.float32, device=device)
-        self._entries: list[tuple[int, int]] = []  # (layer index, bucket offset)
+        size = max(2, min(bucket_numel, total))
+        self._halves = [torch.empty(n, dtype=torch.float32, device=device) for n in (size - size // 2, size // 2)]
+        self._filling = 0  # the half the hooks write into; the other may be in flight
+        self._entries: list[_Entry] = []
         self._used = 0
+        self._in_flight: list[tuple] = []  # (work, values, destination rank, owned slices)
         self._micro_steps = 0
         self._in_backward = False
         self._grad_scale: dict[int, float] = {}
@@ -99,49 +116,68 @@ class PartitionedMoments:
                 self._micro_steps += 1
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             with torch.no_grad():
-                self._add(index, grad)
+                self._add(index, grad.reshape(-1))
 
         return hook
 
-    def _add(self, index: int, grad: Tensor) -> None:
-        numel = grad.numel()
-        if self._used + numel > self._bucket.numel() and self._used:
-            self.flush()
-        if numel > self._bucket.numel():
-            self._reduce_into_owners([(index, 0)], grad.detach().float().reshape(-1).square())
-            return
-        square_into(self._bucket.narrow(0, self._used, numel), grad.reshape(-1))
-        self._entries.append((index, self._used))
-        self._used += numel
+    def _add(self, index: int, flat_grad: Tensor) -> None:
+        """Square a parameter's micro-batch gradient into the filling half, in chunks that fit."""
+        bucket = self._halves[self._filling]
+        start = 0
+        while start < flat_grad.numel():
+            if self._used == bucket.numel():
+                self._launch()
+                bucket = self._halves[self._filling]
+            numel = min(bucket.numel() - self._used, flat_grad.numel() - start)
+            square_into(bucket.narrow(0, self._used, numel), flat_grad.narrow(0, start, numel))
+            self._entries.append(_Entry(index, start, numel, self._used))
+            self._used += numel
+            start += numel
 
     def _end_of_backward(self) -> None:
         self._in_backward = False
         self.flush()
 
     def flush(self) -> None:
-        """Reduce the bucket's squared gradients into their owners' Q buffers."""
+        """Reduce everything captured so far into the owners' Q buffers and wait for it."""
         if self._used:
-            self._reduce_into_owners(self._entries, self._bucket.narrow(0, 0, self._used))
-        self._entries, self._used = [], 0
+            self._launch()
+        self._complete()
 
-    def _reduce_into_owners(self, entries: list[tuple[int, int]], values: Tensor) -> None:
-        """values[bucket_offset + k] is element k of layer ``index``'s flattened g^2."""
-        by_rank: dict[int, list[tuple[Tensor, OwnedSlice]]] = {}
-        for index, start in entries:
-            for piece in self.layers[index].slices:
-                chunk = values.narrow(0, start + piece.param_offset, piece.numel)
-                by_rank.setdefault(piece.rank, []).append((chunk, piece))
+    def _launch(self) -> None:
+        """Start reducing the filling half; finish the other half's reduction; fill that one next."""
+        values = self._halves[self._filling].narrow(0, 0, self._used)
+        started = self._reduce_async(self._entries, values)
+        self._complete()
+        self._in_flight = started
+        self._filling, self._entries, self._used = 1 - self._filling, [], 0
+
+    def _reduce_async(self, entries: list[_Entry], values: Tensor) -> list[tuple]:
+        """One asynchronous reduce (all-reduce if replicated) per destination rank of the entries."""
+        by_rank: dict[int, list[tuple[int, OwnedSlice]]] = {}  # rank -> (offset in values, owned part)
+        for entry in entries:
+            for part in _owned_parts(self.layers[entry.layer].slices, entry.param_start, entry.numel):
+                by_rank.setdefault(part.rank, []).append((entry.offset + part.param_offset - entry.param_start, part))
+        started = []
         for rank in sorted(by_rank):
             chunks = by_rank[rank]
-            flat = chunks[0][0] if len(chunks) == 1 else torch.cat([c for c, _ in chunks])
+            flat = _gather(values, [(offset, part.numel) for offset, part in chunks])
             if rank == REPLICATED:
-                dist.all_reduce(flat, group=self.group)
+                work = dist.all_reduce(flat, group=self.group, async_op=True)
             else:
-                dist.reduce(flat, dst=dist.get_global_rank(self.group, rank), group=self.group)
+                work = dist.reduce(flat, dst=dist.get_global_rank(self.group, rank), group=self.group, async_op=True)
             self.comm["collectives"] += 1
             self.comm["elements"] += flat.numel()
+            started.append((work, flat, rank, [part for _, part in chunks]))
+        return started
+
+    def _complete(self) -> None:
+        """Wait for the reductions in flight and add the results that are this rank's into Q."""
+        for work, flat, rank, parts in self._in_flight:
+            work.wait()
             if rank in (REPLICATED, self.rank):
-                self._accumulate(flat, [piece for _, piece in chunks])
+                self._accumulate(flat, parts)
+        self._in_flight = []
 
     def _accumulate(self, flat: Tensor, pieces: list[OwnedSlice]) -> None:
         start = 0
@@ -152,7 +188,7 @@ class PartitionedMoments:
 
     def buffer_numel(self) -> dict:
         """Extra fp32 elements held: the Q buffers and the reduction bucket."""
-        return {"sq": sum(sq.numel() for sq in self._sq.values()), "bucket": self._bucket.numel()}
+        return {"sq": sum(sq.numel() for sq in self._sq.values()), "bucket": sum(h.numel() for h in self._halves)}
 
     # -------------------------------------------------- MomentSource protocol
     def num_samples(self) -> int:
@@ -206,3 +242,22 @@ class PartitionedMoments:
 
     def _all_reduce(self, tensor: Tensor) -> None:
         dist.all_reduce(tensor, group=self.group)
+
+
+def _owned_parts(slices: tuple[OwnedSlice, ...], start: int, numel: int) -> list[OwnedSlice]:
+    """The owned slices of a parameter cut to its elements [start, start + numel)."""
+    parts = []
+    for piece in slices:
+        first, last = max(start, piece.param_offset), min(start + numel, piece.param_offset + piece.numel)
+        if first < last:
+            shift = first - piece.param_offset
+            parts.append(OwnedSlice(piece.rank, first, last - first, piece.owner, piece.owner_offset + shift))
+    return parts
+
+
+def _gather(values: Tensor, runs: list[tuple[int, int]]) -> Tensor:
+    """The (offset, numel) runs of ``values`` as one flat tensor: a view when they are adjacent, else a copy."""
+    adjacent = all(offset == runs[i - 1][0] + runs[i - 1][1] for i, (offset, _) in enumerate(runs) if i)
+    if adjacent:
+        return values.narrow(0, runs[0][0], sum(numel for _, numel in runs))
+    return torch.cat([values.narrow(0, offset, numel) for offset, numel in runs])
