@@ -223,6 +223,7 @@ def worker_main(args) -> None:
                    "result": result if args.mode == "time" else None}
         with open(args.out, "w") as f:
             json.dump(payload, f, default=float)
+    dist.destroy_process_group()
 
 
 # =============================================================================== driver side

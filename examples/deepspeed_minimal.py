@@ -64,6 +64,7 @@ def main() -> None:
                    "n": engine.vr_optimizer.gsnr_stats()["n"]}
         with open(args.summary, "w") as f:
             json.dump(summary, f)
+    deepspeed.comm.destroy_process_group()
 
 
 if __name__ == "__main__":

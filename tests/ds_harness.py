@@ -127,6 +127,7 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str, f
         results.append(_result(engine, applied))
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
+    deepspeed.comm.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -197,6 +198,7 @@ def _config_worker(rank: int, world: int, port: int, configs: list[dict], out_di
         outcomes.append(outcome)
     if rank == 0:
         torch.save(outcomes, os.path.join(out_dir, "results.pt"))
+    deepspeed.comm.destroy_process_group()
 
 
 def initialize_configs(configs: list[dict], world: int = 1) -> list[dict]:
