@@ -171,10 +171,8 @@ def attach(engine: DeepSpeedEngine) -> None:
     zero = engine.optimizer if isinstance(engine.optimizer, DeepSpeedZeroOptimizer) else None
     layers = _zero_layers(zero, names) if zero is not None else _replicated_layers(optimizer, names)
     bucket = int(engine.zero_reduce_bucket_size()) if zero is not None else int(5e8)
-    source = PartitionedMoments(layers, _data_parallel_group(), bucket)
     capture = any(group["vr"] for group in optimizer.param_groups)
-    if not capture:
-        source.close()
+    source = PartitionedMoments(layers, _data_parallel_group(), bucket, capture)
     optimizer.use_moments(source, layout=source)
     optimizer.micro_batch_size = engine.train_micro_batch_size_per_gpu()
 

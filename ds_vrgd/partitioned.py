@@ -86,16 +86,17 @@ class _Entry:
 class PartitionedMoments:
     """Moment source and piece layout for data parallelism (see module docstring)."""
 
-    def __init__(self, layers: list[Layer], process_group, bucket_numel: int):
+    def __init__(self, layers: list[Layer], process_group, bucket_numel: int, capture: bool = True):
+        """``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off."""
         self.layers = layers
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         owners = {id(s.owner): s.owner for layer in layers for s in layer.slices if s.owner is not None}
-        self._sq = {key: torch.zeros_like(owner, dtype=torch.float32) for key, owner in owners.items()}
+        self._sq = {key: torch.zeros_like(owner, dtype=torch.float32) for key, owner in owners.items() if capture}
         total = sum(layer.param.numel() for layer in layers)
         device = layers[0].param.device if layers else torch.device("cpu")
-        size = max(2, min(bucket_numel, total))
+        size = max(2, min(bucket_numel, total)) if capture else 0
         self._halves = [torch.empty(n, dtype=torch.float32, device=device) for n in (size - size // 2, size // 2)]
         self._filling = 0  # the half the hooks write into; the other may be in flight
         self._entries: list[_Entry] = []
@@ -106,7 +107,7 @@ class PartitionedMoments:
         self._grad_scale: dict[int, float] = {}
         self.comm = {"collectives": 0, "elements": 0}
         self._handles = [layer.param.register_hook(self._hook(i)) for i, layer in enumerate(layers)
-                         if layer.param.requires_grad]
+                         if capture and layer.param.requires_grad]
 
     # ------------------------------------------------------------- capture
     def _hook(self, index: int):

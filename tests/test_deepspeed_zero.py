@@ -144,6 +144,7 @@ def test_vr_false_is_the_base_optimizer_without_capture(world2):
     case = SPECIAL_2["vr_off"]
     got, want = world2[id(case)], reference(case, 2)
     assert got["comm"]["collectives"] == 0
+    assert got["buffers"] == {"sq": 0, "bucket": 0}
     assert max_param_diff(got["params"], want["params"]) < TOL
 
 
