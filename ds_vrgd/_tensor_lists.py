@@ -221,6 +221,15 @@ class ListOps:
                 x.clamp_(low, high)
 
     @_skip_empty
+    def clamp_max_(self, xs: TensorList, scalars: Scalars) -> None:
+        """x_i <- min(x_i, high_i)."""
+        if self.foreach:
+            torch._foreach_clamp_max_(xs, scalars)
+        else:
+            for i, x in enumerate(xs):
+                x.clamp_max_(_per_tensor(scalars, i))
+
+    @_skip_empty
     def clamp_min_(self, xs: TensorList, low: float) -> None:
         """x_i <- max(x_i, low)."""
         if self.foreach:
@@ -298,14 +307,15 @@ class ListOps:
         masks = self._outputs(xs, torch.bool)
         return torch.stack([torch.count_nonzero(torch.le(x, bound, out=m)) for x, m in zip(xs, masks)]).float()
 
-    def count_ge(self, xs: TensorList, bound: float) -> Tensor:
-        """[len(xs)] counts of elements >= bound, for xs already clamped to [..., bound]."""
+    def count_ge(self, xs: TensorList, bounds: Scalars) -> Tensor:
+        """[len(xs)] counts of elements >= bound (one, or one per tensor), for xs already clamped to [..., bound]."""
         if not xs:
             return torch.zeros(0)
         if self.foreach:
-            below = torch._foreach_sub(xs, bound)
+            below = torch._foreach_sub(xs, bounds)
             torch._foreach_neg_(below)
             torch._foreach_sign_(below)
             return torch.tensor([x.numel() for x in xs], device=xs[0].device) - self.sums(below)
         masks = self._outputs(xs, torch.bool)
-        return torch.stack([torch.count_nonzero(torch.ge(x, bound, out=m)) for x, m in zip(xs, masks)]).float()
+        return torch.stack([torch.count_nonzero(torch.ge(x, _per_tensor(bounds, i), out=m))
+                            for i, (x, m) in enumerate(zip(xs, masks))]).float()

@@ -3,6 +3,9 @@
 A moment source gives the optimizer, for each parameter tensor it updates,
 the sum of squared gradient samples Q (fp32, the parameter's shape), the
 number of samples n, and the scale c with ``p.grad = c * (sum of samples)``.
+For gradients in fp16/bf16 it also keeps the fp32 sum of the samples, from
+which the mean is taken instead of the half-precision gradient
+(docs/design.md §3).
 
 :class:`BackwardHookMoments` is the plain-PyTorch source: every
 ``backward()`` between two optimizer steps is one sample. A tensor hook on
@@ -42,6 +45,9 @@ class MomentSource(Protocol):
     def sq_sum(self, param: Tensor) -> Optional[Tensor]:
         """Q for ``param`` (fp32, param's shape), or None if it saw no sample."""
 
+    def sample_sum(self, param: Tensor) -> Optional[Tensor]:
+        """The fp32 sum of the samples of ``param``, or None where the mean comes from its grad."""
+
     def grad_scales(self, params: list[Tensor]) -> list[float]:
         """c per owned tensor, such that its grad = c * (sum of its samples)."""
 
@@ -55,13 +61,19 @@ class MomentSource(Protocol):
         """Stop capturing and free buffers."""
 
 
+def keeps_sample_sum(grad_dtype: torch.dtype) -> bool:
+    """Whether gradients of this dtype need an fp32 sum of the samples for the mean (fp16, bf16)."""
+    return grad_dtype not in (torch.float32, torch.float64)
+
+
 class _ParamCapture:
     """Per-parameter capture state of :class:`BackwardHookMoments`."""
 
-    __slots__ = ("sq", "count", "generation", "grad_norm", "handles")
+    __slots__ = ("sq", "sum", "count", "generation", "grad_norm", "handles")
 
     def __init__(self) -> None:
         self.sq: Optional[Tensor] = None
+        self.sum: Optional[Tensor] = None
         self.count = 0
         self.generation = -1
         self.grad_norm: Optional[Tensor] = None
@@ -95,12 +107,18 @@ class BackwardHookMoments:
                 fresh = capture.generation != self._generation or param.grad is None
                 if capture.sq is None:
                     capture.sq = torch.zeros_like(param, dtype=torch.float32)
+                    if keeps_sample_sum(param.dtype):
+                        capture.sum = torch.zeros_like(param, dtype=torch.float32)
                 if fresh:
                     square_into(capture.sq, grad)
+                    if capture.sum is not None:
+                        capture.sum.copy_(grad)
                     capture.count = 0
                     capture.generation = self._generation
                 else:
                     capture.sq.addcmul_(grad, grad)
+                    if capture.sum is not None:
+                        capture.sum.add_(grad)
                 capture.count += 1
 
         return hook
@@ -126,6 +144,10 @@ class BackwardHookMoments:
     def sq_sum(self, param: Tensor) -> Optional[Tensor]:
         capture = self._current(param)
         return None if capture is None else capture.sq
+
+    def sample_sum(self, param: Tensor) -> Optional[Tensor]:
+        capture = self._current(param)
+        return None if capture is None else capture.sum
 
     def grad_scales(self, params: list[Tensor]) -> list[float]:
         """||p.grad|| now / at capture (one read of the gradients: in-place rescaling such as

@@ -9,9 +9,9 @@ squares with it:
 
 * fp32 gradients: one all-reduce of ``cat([grads, squares])`` (fused, twice
   the gradient's size);
-* fp16/bf16 gradients: the gradient in its dtype and the squares in fp32, two
-  all-reduces launched together (squares of low-precision gradients would
-  overflow or lose the variance).
+* fp16/bf16 gradients: the gradient in its dtype, and the squares with the
+  fp32 sums of the samples (the mean's source, docs/design.md §3) in fp32,
+  two all-reduces launched together.
 
 The gradient is averaged as by DDP's default hook; the squares are summed.
 The hook records ||p.grad|| after the reduction, so a later uniform rescale by
@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ds_vrgd._tensor_lists import sq_norm
-from ds_vrgd.capture import BackwardHookMoments
+from ds_vrgd.capture import BackwardHookMoments, keeps_sample_sum
 from ds_vrgd.optim import VROptimizer
 
 
@@ -55,22 +55,27 @@ class DDPMoments(BackwardHookMoments):
         """p.grad = (user rescale) x (rank average of the sample sums)."""
         return [c / self.world_size for c in super().grad_scales(params)]
 
-    def bucket_squares(self, params: list[Tensor]) -> Tensor:
-        """[sum numel] fp32: this rank's sums of squared samples of the bucket's parameters."""
+    def bucket_moments(self, params: list[Tensor], sample_sums: bool) -> Tensor:
+        """[sum numel] fp32 (x2 with ``sample_sums``): this rank's sums of squared samples of the
+        bucket's parameters (then the sums of the samples)."""
+        kinds = (self.sq_sum, self.sample_sum) if sample_sums else (self.sq_sum,)
         parts = []
-        for param in params:
-            sq = self.sq_sum(param)
-            parts.append(sq.reshape(-1) if sq is not None else torch.zeros(param.numel(), device=param.device))
+        for kind in kinds:
+            for param in params:
+                buffer = kind(param)
+                parts.append(buffer.reshape(-1) if buffer is not None else torch.zeros(param.numel(), device=param.device))
         return torch.cat(parts)
 
-    def store_reduced(self, params: list[Tensor], grads: Tensor, squares: Tensor) -> None:
-        """Write the all-rank sums of squares back and record the reduced gradient norms."""
-        start = 0
+    def store_reduced(self, params: list[Tensor], grads: Tensor, moments: Tensor) -> None:
+        """Write the all-rank moments (of :meth:`bucket_moments`) back and record the reduced gradient norms."""
+        start, total = 0, grads.numel()
         for param in params:
             numel = param.numel()
             capture = self._current(param)
             if capture is not None:
-                capture.sq.view(-1).copy_(squares.narrow(0, start, numel))
+                capture.sq.view(-1).copy_(moments.narrow(0, start, numel))
+                if capture.sum is not None:
+                    capture.sum.view(-1).copy_(moments.narrow(0, total + start, numel))
                 capture.grad_norm = sq_norm(grads.narrow(0, start, numel)).sqrt()
             start += numel
 
@@ -78,7 +83,7 @@ class DDPMoments(BackwardHookMoments):
 def gsnr_allreduce_hook(state: DDPMoments, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: average the gradient bucket and sum its squared samples, together."""
     grads, params = bucket.buffer(), bucket.parameters()
-    squares = state.bucket_squares(params)
+    squares = state.bucket_moments(params, sample_sums=keeps_sample_sum(grads.dtype))
     numel = grads.numel()
     if grads.dtype == torch.float32:
         combined = torch.cat([grads, squares])

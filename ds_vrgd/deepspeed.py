@@ -37,6 +37,8 @@ from deepspeed.runtime.zero import utils as zero_utils
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import logger
 
+from ds_vrgd.capture import keeps_sample_sum
+from ds_vrgd.gsnr import LOG_FIELDS
 from ds_vrgd.optim import VRAdam, VRAdamW, VRLAMB, VRLARS, VROptimizer, VRSGD
 from ds_vrgd.partitioned import REPLICATED, Layer, OwnedSlice, PartitionedMoments
 
@@ -45,6 +47,7 @@ VR_OPTIMIZERS: dict[str, type[VROptimizer]] = {
     cls.__name__.lower(): cls for cls in (VRSGD, VRAdam, VRAdamW, VRLARS, VRLAMB)
 }
 MONITOR_PREFIX = "Train/Samples/"
+
 
 
 def check_version(version: str = deepspeed.__version__) -> None:
@@ -143,6 +146,12 @@ def _data_parallel_group():
 
 
 # ------------------------------------------------------------ attachment
+def _low_precision_gradients(engine: DeepSpeedEngine) -> bool:
+    """Whether the engine's gradients are fp16/bf16 somewhere between backward and the optimizer
+    (then the samples' fp32 sum travels with their squares: docs/design.md §3)."""
+    return engine.fp16_enabled() or engine.bfloat16_enabled() or keeps_sample_sum(engine.communication_data_type)
+
+
 def _norm(tensors) -> float:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])).item()
 
@@ -172,7 +181,7 @@ def attach(engine: DeepSpeedEngine) -> None:
     layers = _zero_layers(zero, names) if zero is not None else _replicated_layers(optimizer, names)
     bucket = int(engine.zero_reduce_bucket_size()) if zero is not None else int(5e8)
     capture = any(group["vr"] for group in optimizer.param_groups)
-    source = PartitionedMoments(layers, _data_parallel_group(), bucket, capture)
+    source = PartitionedMoments(layers, _data_parallel_group(), bucket, capture, _low_precision_gradients(engine))
     optimizer.use_moments(source, layout=source)
     optimizer.micro_batch_size = engine.train_micro_batch_size_per_gpu()
 
@@ -215,13 +224,8 @@ def _monitor(engine: DeepSpeedEngine, optimizer: VROptimizer) -> None:
     stats = optimizer.gsnr_stats()
     if stats.get("n", 0) < 2 or stats.get("step") != _optimizer_step(optimizer):
         return
-    events = [
-        (MONITOR_PREFIX + "gsnr_mean", float(stats["gsnr_mean"]), engine.global_samples),
-        (MONITOR_PREFIX + "gsnr_frac_low", float(stats["frac_low"]), engine.global_samples),
-        (MONITOR_PREFIX + "gsnr_frac_high", float(stats["frac_high"]), engine.global_samples),
-        (MONITOR_PREFIX + "gsnr_n", float(stats["n"]), engine.global_samples),
-        (MONITOR_PREFIX + "b_simple", float(stats["b_simple"] or 0.0), engine.global_samples),
-    ]
+    events = [(MONITOR_PREFIX + name, float(stats[key] or 0.0), engine.global_samples)
+              for name, key in LOG_FIELDS.items()]
     monitor.write_events(events)
 
 

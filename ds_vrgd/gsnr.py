@@ -8,18 +8,19 @@ says which layer each piece belongs to, how many elements each layer has in
 total, and how to sum a small per-layer vector across ranks, so per-layer
 quantities are exact even when a layer is split between ranks.
 
-For one layer with J elements and n gradient samples g^(1..n) (DESIGN.md §2)::
+For one layer with J elements and n gradient samples g^(1..n) (docs/design.md §2-3)::
 
     m_j   = (1/n) sum_i g_j^(i)                 mean
     s_j   = (1/n) sum_i (g_j^(i))^2             second moment
     v_j   = max(s_j - m_j^2, 0)                 variance
-    r_j   = m_j^2 / (v_j + eps_gsnr)            GSNR
+    r_j   = min(m_j^2 / (v_j + eps_gsnr), gsnr_max)   GSNR, capped
     q_j   = r_j / mean_k(r_k)                   layer-normalised (1 if mean_k r_k = 0)
     rho_j = clamp(q_j, max(0, 1 - gamma), 1 + gamma)
 
-Inputs are the *sums* G = c * sum_i g^(i) (the gradient as the optimizer sees
-it, up to a known scale c: loss scale, 1/world_size, clipping) and
-Q = sum_i (g^(i))^2 at the scale of the samples. With a = 1 / (c n), m = a G
+Inputs are the *sums* G = c * sum_i g^(i) (the fp32 gradient as the
+optimizer sees it, up to a known scale c: loss scale, 1/world_size, clipping;
+or, for low-precision gradients, the fp32 sum of the samples with c = 1) and
+Q = sum_i (g^(i))^2 (fp32) at the scale of the samples. With a = 1 / (c n), m = a G
 and s = Q / n, so any common scaling of the samples cancels in r, as it must.
 
 The computation runs in two phases around one cross-rank reduction:
@@ -31,8 +32,10 @@ The computation runs in two phases around one cross-rank reduction:
    then :func:`bound_factor_` turns r / z into rho in place with one scalar
    per piece, z / mean_k(r_k), and counts the elements at the bounds.
 
-An element with v = 0 gets r = m^2 / eps_gsnr (finite in fp32 for |m| < ~1e9);
-a layer whose sum of r is not finite or is 0 gets q = 1.
+The cap ``gsnr_max`` keeps r within what fp32 sums resolve (s - m^2 cancels
+for elements whose samples nearly agree); without it (None) an element with a
+rounded v = 0 gets r = m^2 / eps_gsnr and sets its layer's mean. A layer whose
+sum of r is not finite or is 0 gets q = 1.
 """
 
 from __future__ import annotations
@@ -46,11 +49,15 @@ from torch import Tensor
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
 
+GSNR_MAX = 1e3
+"""Default cap on the per-element GSNR r (docs/design.md §3: what fp32 sums resolve, with margin)."""
+
 Reduce = Callable[[Tensor], None]
 """In-place SUM of a small fp32 tensor across the ranks that share the layers."""
 
 # Rows of the per-piece partial sums of :func:`gsnr_ratio`.
-SUM_R, SUM_M2, SUM_V, GRAD_SQ = 0, 1, 2, 3
+SUM_R, SUM_M2, SUM_V, GRAD_SQ, AT_CAP = 0, 1, 2, 3, 4
+PARTIAL_ROWS = 5
 
 
 @dataclass
@@ -100,42 +107,56 @@ class GsnrRatio:
 
     ratio:   [P] fp32 tensors r / z (the Q buffers, overwritten; :func:`bound_factor_` turns them into rho).
     scale:   [P] z = n a^2 of each piece, so that r = z * ratio.
-    partial: [4, P] per-piece sums of r, m^2, v and G^2 (rows SUM_R, SUM_M2, SUM_V, GRAD_SQ).
+    partial: [5, P] per-piece sums of r, m^2, v, G^2 and the count of elements at the cap
+             (rows SUM_R, SUM_M2, SUM_V, GRAD_SQ, AT_CAP).
     """
 
     ratio: TensorList
     scale: list[float]
     partial: Tensor
+    from_sample_sums: bool = False
+    """Whether the mean came from sums of samples rather than the gradient (set by the caller)."""
 
 
 def gsnr_ratio(
-    grads: TensorList, sq_sums: TensorList, mean_scales: Sequence[float], n: int, eps_gsnr: float, ops: ListOps
+    sums: TensorList,
+    sq_sums: TensorList,
+    mean_scales: Sequence[float],
+    n: int,
+    eps_gsnr: float,
+    gsnr_max: Optional[float],
+    ops: ListOps,
 ) -> GsnrRatio:
-    """Phase 1: per-element r / z of each piece and the per-piece partial sums.
+    """Phase 1: per-element r / z of each piece and the per-piece partial sums (docs/design.md §3).
 
-    grads[p]:       G, any float dtype, = c_p * sum of samples.
+    sums[p]:        G, any float dtype, = c_p * sum of samples (the gradient, or the
+                    fp32 sum of the samples that the capture keeps for low-precision gradients).
     sq_sums[p]:     Q (fp32, same shape) = sum of squared samples. Overwritten
                     by the ratio (Q is not needed after this call).
     mean_scales[p]: a_p = 1 / (c_p * n), so that m = a_p * G.
+    gsnr_max:       cap on r (None: no cap).
 
     With z = n a^2: v = max(Q - z G^2, 0) / n and r = z G^2 / (n v + n eps), so
-    ``ratio = G^2 / (max(Q - z G^2, 0) + n eps)``. Element-wise passes: square
-    (into a temporary), scaled subtract, clamp, add, divide, and three sums
-    (G^2, v, ratio).
+    ``ratio = min(G^2 / (max(Q - z G^2, 0) + n eps), gsnr_max / z)``.
     """
     z = [n * a * a for a in mean_scales]
-    u = ops.square_fp32(grads)
+    u = ops.square_fp32(sums)
     grad_sq = ops.sums(u)
     ops.add_scaled_(sq_sums, u, [-k for k in z])  # Q - z G^2 = n v (before clamping)
     ops.clamp_min_(sq_sums, 0.0)
     sum_nv = ops.sums(sq_sums)
     ops.add_scalar_(sq_sums, n * eps_gsnr)
     ops.div_into_(u, sq_sums)  # the ratio replaces Q
-    sum_ratio = ops.sums(sq_sums)
     device = grad_sq.device
+    at_cap = torch.zeros(len(z), device=device)
+    if gsnr_max is not None:
+        caps = [gsnr_max / k if k > 0.0 else math.inf for k in z]
+        ops.clamp_max_(sq_sums, caps)
+        at_cap = sampled_counts(sq_sums, caps, ops.count_ge)
+    sum_ratio = ops.sums(sq_sums)
     z_t = torch.tensor(z, dtype=torch.float32, device=device)
     a2 = torch.tensor([a * a for a in mean_scales], dtype=torch.float32, device=device)
-    partial = torch.stack([sum_ratio * z_t, grad_sq * a2, sum_nv / n, grad_sq])
+    partial = torch.stack([sum_ratio * z_t, grad_sq * a2, sum_nv / n, grad_sq, at_cap])
     return GsnrRatio(sq_sums, z, partial)
 
 
@@ -178,39 +199,58 @@ def bound_factor_(
 
 
 COUNT_SAMPLE = 1 << 16
-"""Pieces larger than this have their bound counts estimated from a strided sample of about this size."""
+"""Pieces larger than this have their counts estimated from a strided sample of about this size."""
 
 
-def bound_counts(rho: TensorList, low: float, high: float, ops: ListOps) -> Tensor:
-    """[2, P] numbers of elements of each piece at the lower / upper bound of rho.
+def sampled_counts(xs: TensorList, bounds, count: Callable) -> Tensor:
+    """[P] ``count(pieces, bounds)`` (elements at a bound), estimated for large pieces.
 
     Exact for pieces of at most :data:`COUNT_SAMPLE` elements; a larger piece
     counts every k-th element (k odd, so a power-of-two row length cannot alias
-    with it) and scales up: the fraction's standard error is below 0.002. The
-    counts are statistics only; this keeps them at a small part of the step.
+    with it) and scales up: a fraction's standard error is below 0.002. The
+    counts are statistics only; sampling keeps them a small part of the step.
     """
     samples, weights = [], []
-    for x in rho:
+    for x in xs:
         flat = x.reshape(-1)
         stride = max(1, flat.numel() // COUNT_SAMPLE) | 1
         samples.append(flat[::stride] if stride > 1 else flat)
         weights.append(flat.numel() / samples[-1].numel())
-    weight = torch.tensor(weights, device=rho[0].device if rho else None)
-    return torch.stack([ops.count_le(samples, low) * weight, ops.count_ge(samples, high) * weight])
+    weight = torch.tensor(weights, device=xs[0].device if xs else None)
+    return count(samples, bounds) * weight
 
 
-def rho_from_moments(mean: Tensor, second_moment: Tensor, gamma: float, eps_gsnr: float = 1e-20) -> Tensor:
+def bound_counts(rho: TensorList, low: float, high: float, ops: ListOps) -> Tensor:
+    """[2, P] numbers of elements of each piece at the lower / upper bound of rho (see :func:`sampled_counts`)."""
+    return torch.stack([sampled_counts(rho, low, ops.count_le), sampled_counts(rho, high, ops.count_ge)])
+
+
+def rho_from_moments(
+    mean: Tensor, second_moment: Tensor, gamma: float, eps_gsnr: float = 1e-20, gsnr_max: Optional[float] = GSNR_MAX
+) -> Tensor:
     """rho for one layer from its mean m and second moment s (same shape), in fp32.
 
     Reference entry point for the math above (one piece, one layer, one sample
     of scale 1, so z = 1, G = m and Q = s).
     """
     ops = ListOps(foreach=False)
-    phase1 = gsnr_ratio([mean.float()], [second_moment.float().clone()], [1.0], 1, eps_gsnr, ops)
+    phase1 = gsnr_ratio([mean.float()], [second_moment.float().clone()], [1.0], 1, eps_gsnr, gsnr_max, ops)
     normaliser = layer_normalisers([phase1.partial[SUM_R, 0].item()], [mean.numel()])[0]
     scale = None if normaliser is None else phase1.scale[0] * normaliser
     bound_factor_(phase1.ratio, [scale], gamma, ops)
     return phase1.ratio[0]
+
+
+LOG_FIELDS = {
+    "gsnr_n": "n",
+    "gsnr_mean": "gsnr_mean",
+    "gsnr_frac_low": "frac_low",
+    "gsnr_frac_high": "frac_high",
+    "gsnr_frac_capped": "frac_capped",
+    "noise_ratio": "noise_ratio",
+    "b_simple": "b_simple",
+}
+"""Log name (Trainer logs, log.jsonl, DeepSpeed monitor) -> key of :meth:`GsnrStats.as_dict`."""
 
 
 @dataclass
@@ -229,6 +269,7 @@ class GsnrStats:
     sum_v: list[float]
     at_low: list[float]
     at_high: list[float]
+    at_cap: list[float]
     skipped_steps: int = 0
 
     def merged(self, other: "GsnrStats") -> "GsnrStats":
@@ -243,11 +284,14 @@ class GsnrStats:
             sum_v=self.sum_v + other.sum_v,
             at_low=self.at_low + other.at_low,
             at_high=self.at_high + other.at_high,
+            at_cap=self.at_cap + other.at_cap,
         )
 
     def as_dict(self, micro_batch_size: Optional[int] = None) -> dict:
-        """Plain dict: per-layer mean GSNR and bound fractions, noise ratio, B_simple.
+        """Plain dict: per-layer mean GSNR, bound and cap fractions, noise ratio, B_simple.
 
+        ``frac_capped``: the fraction of elements whose r reached ``gsnr_max``
+        (their samples agree beyond what the estimator resolves).
         noise_ratio = sum_j v_j / sum_j m_j^2 over all elements; B_simple =
         micro_batch_size * noise_ratio (McCandlish et al. 2018), where
         micro_batch_size is the number of examples behind one gradient sample.
@@ -260,9 +304,10 @@ class GsnrStats:
                 "gsnr_mean": r / numel,
                 "frac_low": low / numel,
                 "frac_high": high / numel,
+                "frac_capped": cap / numel,
             }
-            for name, numel, r, low, high in zip(
-                self.layer_names, self.layer_numel, self.sum_r, self.at_low, self.at_high
+            for name, numel, r, low, high, cap in zip(
+                self.layer_names, self.layer_numel, self.sum_r, self.at_low, self.at_high, self.at_cap
             )
             if numel
         }
@@ -272,6 +317,7 @@ class GsnrStats:
             "gsnr_mean": sum(v["gsnr_mean"] for v in layers.values()) / max(len(layers), 1),
             "frac_low": sum(self.at_low) / total if total else 0.0,
             "frac_high": sum(self.at_high) / total if total else 0.0,
+            "frac_capped": sum(self.at_cap) / total if total else 0.0,
             "noise_ratio": noise_ratio,
             "b_simple": None if micro_batch_size is None else micro_batch_size * noise_ratio,
             "skipped_steps": self.skipped_steps,

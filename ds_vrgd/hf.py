@@ -36,10 +36,10 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback
 
 from ds_vrgd.ddp import enable_gsnr
+from ds_vrgd.gsnr import LOG_FIELDS
 from ds_vrgd.optim import VROptimizer
 
-LOG_KEYS = {"gsnr_mean": "gsnr_mean", "gsnr_frac_low": "frac_low", "gsnr_frac_high": "frac_high", "gsnr_n": "n",
-            "b_simple": "b_simple"}
+LOG_KEYS = LOG_FIELDS
 """Log key -> key of :meth:`VROptimizer.gsnr_stats` (the names DeepSpeed's monitor uses too)."""
 
 PREFIX = "ds_vrgd.hf.add_gsnr: "

@@ -7,7 +7,10 @@ parameter's elements live (:class:`OwnedSlice`) and what the optimizer owns.
 Per micro-step (one ``backward()``), on every rank, a tensor hook on each
 parameter receives the local gradient g of that micro-batch and writes g^2
 (fp32) into one half of a reduction bucket (a parameter that does not fit is
-written in chunks). When the half is full it is reduced asynchronously while
+written in chunks). With ``sample_sums`` (fp16/bf16 gradients) each bucket
+row holds (g^2, g), both fp32, and the fp32 sum of the samples S travels with
+Q, so the mean does not come from the half-precision gradient
+(docs/design.md §3). When the half is full it is reduced asynchronously while
 the hooks fill the other half, so the communication overlaps the rest of the
 backward pass; before a half is refilled, and at the end of the backward
 pass, its reduction is waited for. The reduction follows the gradient's path:
@@ -21,9 +24,9 @@ pass, its reduction is waited for. The reduction follows the gradient's path:
 
 So after a step's micro-steps, Q = sum over ranks and micro-batches of g^2 for
 exactly the elements this rank's optimizer updates, and n = world_size x
-micro-steps. Extra memory: Q (partition-sized, fp32) plus one fp32 bucket
-(the two halves), and a copy of a half's slices for one destination when
-they are not adjacent in it.
+micro-steps. Extra memory: Q (and S) (partition-sized, fp32) plus one fp32
+bucket (the two halves), and a copy of a half's slices for one destination
+when they are not adjacent in it.
 Collectives use their own process group (a clone of the data-parallel group)
 so they never interleave with the engine's own on one communicator.
 
@@ -86,18 +89,27 @@ class _Entry:
 class PartitionedMoments:
     """Moment source and piece layout for data parallelism (see module docstring)."""
 
-    def __init__(self, layers: list[Layer], process_group, bucket_numel: int, capture: bool = True):
-        """``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off."""
+    def __init__(
+        self, layers: list[Layer], process_group, bucket_numel: int, capture: bool = True, sample_sums: bool = False
+    ):
+        """``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off.
+
+        ``sample_sums``: also carry the fp32 sum of the samples (for fp16/bf16 gradients).
+        ``bucket_numel``: fp32 elements of the bucket (both halves, all channels).
+        """
         self.layers = layers
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         owners = {id(s.owner): s.owner for layer in layers for s in layer.slices if s.owner is not None}
-        self._sq = {key: torch.zeros_like(owner, dtype=torch.float32) for key, owner in owners.items() if capture}
+        fp32 = dict(dtype=torch.float32)
+        self._sq = {key: torch.zeros_like(owner, **fp32) for key, owner in owners.items() if capture}
+        self._sum = {key: torch.zeros_like(owner, **fp32) for key, owner in owners.items() if capture and sample_sums}
+        self._channels = 2 if sample_sums else 1  # bucket row: g^2 (, g)
         total = sum(layer.param.numel() for layer in layers)
         device = layers[0].param.device if layers else torch.device("cpu")
-        size = max(2, min(bucket_numel, total)) if capture else 0
-        self._halves = [torch.empty(n, dtype=torch.float32, device=device) for n in (size - size // 2, size // 2)]
+        size = max(2, min(bucket_numel // self._channels, total)) if capture else 0
+        self._halves = [torch.empty(rows, self._channels, device=device, **fp32) for rows in (size - size // 2, size // 2)]
         self._filling = 0  # the half the hooks write into; the other may be in flight
         self._entries: list[_Entry] = []
         self._used = 0
@@ -126,11 +138,14 @@ class PartitionedMoments:
         bucket = self._halves[self._filling]
         start = 0
         while start < flat_grad.numel():
-            if self._used == bucket.numel():
+            if self._used == bucket.shape[0]:
                 self._launch()
                 bucket = self._halves[self._filling]
-            numel = min(bucket.numel() - self._used, flat_grad.numel() - start)
-            square_into(bucket.narrow(0, self._used, numel), flat_grad.narrow(0, start, numel))
+            numel = min(bucket.shape[0] - self._used, flat_grad.numel() - start)
+            rows, grad = bucket.narrow(0, self._used, numel), flat_grad.narrow(0, start, numel)
+            square_into(rows[:, 0], grad)
+            if self._channels == 2:
+                rows[:, 1].copy_(grad)
             self._entries.append(_Entry(index, start, numel, self._used))
             self._used += numel
             start += numel
@@ -181,15 +196,18 @@ class PartitionedMoments:
         self._in_flight = []
 
     def _accumulate(self, flat: Tensor, pieces: list[OwnedSlice]) -> None:
+        """Add reduced bucket rows [k, channels] into Q (and S) of their owners."""
         start = 0
         for piece in pieces:
-            sq = self._sq[id(piece.owner)].view(-1).narrow(0, piece.owner_offset, piece.numel)
-            sq.add_(flat.narrow(0, start, piece.numel))
+            rows = flat.narrow(0, start, piece.numel)
+            for channel, buffers in enumerate((self._sq, self._sum)[: self._channels]):
+                buffers[id(piece.owner)].view(-1).narrow(0, piece.owner_offset, piece.numel).add_(rows[:, channel])
             start += piece.numel
 
     def buffer_numel(self) -> dict:
-        """Extra fp32 elements held: the Q buffers and the reduction bucket."""
-        return {"sq": sum(sq.numel() for sq in self._sq.values()), "bucket": sum(h.numel() for h in self._halves)}
+        """Extra fp32 elements held: the Q (and S) buffers and the reduction bucket."""
+        held = sum(b.numel() for b in self._sq.values()) + sum(b.numel() for b in self._sum.values())
+        return {"sq": held, "bucket": sum(h.numel() for h in self._halves)}
 
     # -------------------------------------------------- MomentSource protocol
     def num_samples(self) -> int:
@@ -197,6 +215,9 @@ class PartitionedMoments:
 
     def sq_sum(self, param: Tensor) -> Optional[Tensor]:
         return self._sq.get(id(param)) if self._micro_steps else None
+
+    def sample_sum(self, param: Tensor) -> Optional[Tensor]:
+        return self._sum.get(id(param)) if self._micro_steps else None
 
     def set_grad_scale(self, owner: Tensor, scale: float) -> None:
         """The engine rescaled owner's gradient by ``scale`` after reduction (unscale, clipping)."""
@@ -210,8 +231,8 @@ class PartitionedMoments:
         """One param group stepped; the engine calls :meth:`reset` after the whole step."""
 
     def reset(self) -> None:
-        for sq in self._sq.values():
-            sq.zero_()
+        for buffer in (*self._sq.values(), *self._sum.values()):
+            buffer.zero_()
         self._entries, self._used, self._micro_steps = [], 0, 0
         self._grad_scale.clear()
 

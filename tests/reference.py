@@ -1,6 +1,6 @@
-"""Independent float64 reference of the VRGD algorithm (DESIGN.md section 2).
+"""Independent float64 reference of the VRGD algorithm (docs/design.md §2-3).
 
-Written from DESIGN.md only (not from ds_vrgd's code), so that the numerical
+Written from docs/design.md only (not from ds_vrgd's code), so that the numerical
 tests compare two independent readings of the spec. Everything is float64 and
 deliberately naive: one tensor at a time, no foreach, no in-place tricks.
 
@@ -33,7 +33,7 @@ F64 = torch.float64
 
 # Defaults of the public constructors (DESIGN.md sections 2 and 5 plus the
 # torch.optim defaults of the base optimizers).
-VR_DEFAULTS = dict(gamma=0.1, eps_gsnr=1e-20, gsnr_warmup_steps=0, gsnr_ema=0.0, vr=True)
+VR_DEFAULTS = dict(gamma=0.1, eps_gsnr=1e-20, gsnr_max=1e3, gsnr_warmup_steps=0, gsnr_ema=0.0, vr=True)
 BASE_DEFAULTS = {
     "VRSGD": dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
     "VRAdam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
@@ -59,27 +59,33 @@ def bounds(gamma: float) -> tuple[float, float]:
     return max(0.0, 1.0 - gamma), 1.0 + gamma
 
 
-def gsnr_parts(m: Tensor, s: Tensor, eps_gsnr: float) -> dict:
-    """v, r, q of DESIGN section 2 for one layer (float64)."""
+def gsnr_parts(m: Tensor, s: Tensor, eps_gsnr: float, gsnr_max: float | None = VR_DEFAULTS["gsnr_max"]) -> dict:
+    """v, r (capped at gsnr_max unless None), q of docs/design.md §2 for one layer (float64)."""
     m = m.to(F64)
     s = s.to(F64)
     v = torch.clamp(s - m * m, min=0.0)
     r = (m * m) / (v + eps_gsnr)
+    capped = torch.zeros_like(r, dtype=torch.bool) if gsnr_max is None else r >= gsnr_max
+    if gsnr_max is not None:
+        r = torch.clamp(r, max=gsnr_max)
     mean_r = r.mean()
     if mean_r.item() == 0.0:
         q = torch.ones_like(r)
     else:
         q = r / mean_r
-    return dict(m=m, s=s, v=v, r=r, q=q)
+    return dict(m=m, s=s, v=v, r=r, q=q, capped=capped)
 
 
-def rho_from_moments_ref(m: Tensor, s: Tensor, gamma: float, eps_gsnr: float = 1e-20) -> Tensor:
+def rho_from_moments_ref(
+    m: Tensor, s: Tensor, gamma: float, eps_gsnr: float = 1e-20, gsnr_max: float | None = VR_DEFAULTS["gsnr_max"]
+) -> Tensor:
     lo, hi = bounds(gamma)
-    return torch.clamp(gsnr_parts(m, s, eps_gsnr)["q"], lo, hi)
+    return torch.clamp(gsnr_parts(m, s, eps_gsnr, gsnr_max)["q"], lo, hi)
 
 
 def stats_ref(samples_per_layer: Sequence[Sequence[Tensor]], gamma: float, eps_gsnr: float = 1e-20,
-              names: Sequence[str] | None = None, micro_batch_size: int | None = None) -> dict:
+              names: Sequence[str] | None = None, micro_batch_size: int | None = None,
+              gsnr_max: float | None = VR_DEFAULTS["gsnr_max"]) -> dict:
     """What ``opt.gsnr_stats()`` should report for one step's samples (no EMA, no warmup, n >= 2)."""
     lo, hi = bounds(gamma)
     layers = {}
@@ -87,7 +93,7 @@ def stats_ref(samples_per_layer: Sequence[Sequence[Tensor]], gamma: float, eps_g
     sum_m2 = 0.0
     for k, samples in enumerate(samples_per_layer):
         m, s = moments(samples)
-        p = gsnr_parts(m, s, eps_gsnr)
+        p = gsnr_parts(m, s, eps_gsnr, gsnr_max)
         rho = torch.clamp(p["q"], lo, hi)
         sum_v += p["v"].sum().item()
         sum_m2 += (p["m"] ** 2).sum().item()
@@ -96,6 +102,7 @@ def stats_ref(samples_per_layer: Sequence[Sequence[Tensor]], gamma: float, eps_g
             gsnr_mean=p["r"].mean().item(),
             frac_low=(p["q"] <= lo).to(F64).mean().item(),
             frac_high=(p["q"] >= hi).to(F64).mean().item(),
+            frac_capped=p["capped"].to(F64).mean().item(),
             rho=rho,
         )
     noise_ratio = sum_v / sum_m2
@@ -161,7 +168,7 @@ class ReferenceVR:
         if self.t <= warm:
             return ones
         m, s = moments(samples)
-        q = gsnr_parts(m, s, group["eps_gsnr"])["q"].reshape(shape)
+        q = gsnr_parts(m, s, group["eps_gsnr"], group["gsnr_max"])["q"].reshape(shape)
         if beta > 0:
             st = self.state[k]
             e = st.get("q_ema", torch.zeros(shape, dtype=F64))

@@ -117,14 +117,20 @@ def test_q_has_unit_mean_before_clamping(mm):
 @given(shape=shapes, scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e2, 1e4]), seed=st.integers(0, 1000),
        gamma=st.sampled_from([0.1, 0.5, 1e9]))
 def test_constant_gradient_v_zero_is_finite(shape, scale, seed, gamma):
-    """v = 0 everywhere (identical samples): r = m^2/eps_gsnr, still finite, q = m^2/mean(m^2)."""
+    """v = 0 everywhere (identical samples): every nonzero element at the cap, so q = 1 there;
+    uncapped (gsnr_max None), r = m^2/eps_gsnr, still finite, q = m^2/mean(m^2)."""
     m = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).float()
     s = m * m
     rho = rho_from_moments(m, s, gamma)
     assert torch.isfinite(rho).all()
     if gamma == 1e9:
+        capped = ((m.double() ** 2) / 1e-20).clamp(max=1e3)
+        torch.testing.assert_close(rho.double(), capped / capped.mean(), rtol=1e-4, atol=1e-6)
+    uncapped = rho_from_moments(m, s, gamma, gsnr_max=None)
+    assert torch.isfinite(uncapped).all()
+    if gamma == 1e9:
         q = (m.double() ** 2) / (m.double() ** 2).mean()
-        torch.testing.assert_close(rho.double(), q, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(uncapped.double(), q, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("gamma", [0.1, 0.5, 1e9])
@@ -137,29 +143,45 @@ def test_zero_mean_layer_gives_rho_one(case, gamma):
 
 
 def test_rho_negative_variance_is_clamped():
-    """s < m^2 (rounding) must act as v = 0, not as a negative variance."""
+    """s < m^2 (rounding) must act as v = 0, not as a negative variance (uncapped; capped: r = gsnr_max)."""
     m = torch.tensor([1e-3, 2e-3, 3e-3])
     s = m * m - torch.tensor([1e-9, 0.0, 0.0])
-    rho = rho_from_moments(m, s, 1e9)
+    rho = rho_from_moments(m, s, 1e9, gsnr_max=None)
     ref = (m.double() ** 2) / (m.double() ** 2).mean()
     torch.testing.assert_close(rho.double(), ref, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
 def test_v_zero_layer_follows_the_formula(scale):
-    """v = 0 everywhere: r_j = m_j^2 / eps_gsnr exactly as DESIGN writes it, so
+    """Uncapped (gsnr_max None), v = 0 everywhere: r_j = m_j^2 / eps_gsnr as the formula writes it, so
     q_j = m_j^2 / mean(m^2), whatever the gradient's magnitude (fp32 holds r up to
     ~1e38, i.e. |m| up to ~1e9 with eps_gsnr = 1e-20)."""
     m = torch.tensor([1.0, 2.0, 3.0]) * scale
-    rho = rho_from_moments(m, m * m, 1e9)
+    rho = rho_from_moments(m, m * m, 1e9, gsnr_max=None)
     torch.testing.assert_close(rho.double(), torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64) / (14 / 3),
                                rtol=1e-5, atol=1e-7)
     # one noisy element among noiseless ones: it gets r ~ 0, the others keep their ratio
     s = m * m
     s[0] += 0.5 * scale**2
-    rho = rho_from_moments(m, s, 1e9)
+    rho = rho_from_moments(m, s, 1e9, gsnr_max=None)
     ref = torch.tensor([0.0, 4.0, 9.0], dtype=torch.float64) / (13 / 3)
     torch.testing.assert_close(rho.double(), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_one_rounded_zero_variance_does_not_set_the_layer_mean():
+    """The failure the cap exists for (docs/design.md §3): one element whose fp32 variance
+    rounds to 0 among noisy ones. Uncapped, its r = m^2 / eps_gsnr sets the layer's mean and
+    every other element drops to the lower bound; capped, the others keep their float64 rho."""
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.randn(8, 1000, generator=gen, dtype=torch.float64) * 0.5 + 1.0
+    samples[:, 0] = 0.25 + 1e-9 * torch.arange(8)  # nearly identical samples: v ~ 1e-17, lost in fp32
+    m, s = samples.mean(0), (samples * samples).mean(0)
+    ref = rho_from_moments_ref(m, s, 0.1)
+    rho = rho_from_moments(m.float(), s.float(), 0.1)
+    assert ((rho.double() - ref).abs() <= 1e-3).double().mean() >= 0.999
+    uncapped = rho_from_moments(m.float(), s.float(), 0.1, gsnr_max=None)
+    assert (uncapped[1:] == 0.9).all()  # the old estimator: the whole layer at the lower bound
+    assert (ref[1:] > 0.9).double().mean() > 0.2
 
 
 # ---------------------------------------------------------------------------

@@ -55,14 +55,16 @@ from ds_vrgd import gsnr
 from ds_vrgd._tensor_lists import ListOps, Scratch, TensorList
 from ds_vrgd.capture import BackwardHookMoments, MomentSource
 
-VR_DEFAULTS = dict(gamma=0.1, eps_gsnr=1e-20, gsnr_warmup_steps=0, gsnr_ema=0.0, vr=True)
+VR_DEFAULTS = dict(
+    gamma=0.1, eps_gsnr=1e-20, gsnr_max=gsnr.GSNR_MAX, gsnr_warmup_steps=0, gsnr_ema=0.0, vr=True
+)
 CPU_TILE_NUMEL = 1 << 20
 """Elements per block on CPU: 4 MiB of fp32 per tensor, so the handful of tensors a block's chain of
 ops touches stays in a 32 MiB L3; measured on BERT-base, 2^20-2^21 beat 2^18 (per-op overhead) and
 2^22 (cache misses)."""
 
 # Rows of reduction 1 besides gsnr's: the element count of GSNR layers.
-NUMEL = 4
+NUMEL = gsnr.PARTIAL_ROWS
 # Rows of reduction 2.
 AT_LOW, AT_HIGH, WEIGHT_SQ, UPDATE_SQ = 0, 1, 2, 3
 
@@ -191,6 +193,8 @@ def validate_vr_options(options: dict) -> None:
     _check_range("weight_decay", options["weight_decay"], 0.0)
     _check_range("gamma", options["gamma"], 0.0)
     _check_range("eps_gsnr", options["eps_gsnr"], 0.0)
+    if options["gsnr_max"] is not None:
+        _check_range("gsnr_max", options["gsnr_max"], 0.0, low_open=True)
     _check_range("gsnr_ema", options["gsnr_ema"], 0.0, 1.0)
     warmup = options["gsnr_warmup_steps"]
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
@@ -248,7 +252,7 @@ class VROptimizer(Optimizer):
 
     # ----------------------------------------------------------------- setup
     def add_param_group(self, param_group: dict) -> None:
-        for key in ("lr", "weight_decay", "gamma", "eps_gsnr", "gsnr_ema", "gsnr_warmup_steps", "vr"):
+        for key in ("lr", "weight_decay", *VR_DEFAULTS):
             if key in param_group:
                 validate_vr_options({**self.defaults, **param_group})
                 break
@@ -374,8 +378,8 @@ class VROptimizer(Optimizer):
                 self._record_stats(groups, table, sums, second_sums.tolist(), n)
 
     def _phase1(self, groups: list[GroupStep], table: gsnr.LayerTable, n: int) -> Tensor:
-        """[5, P]: per piece sum r, m^2, v, ||G||^2 and its element count if GSNR is on (else zeros but ||G||^2)."""
-        partial = torch.zeros(5, len(table.piece_layer), device=self._reduce_device())
+        """[6, P]: per piece gsnr's partial sums and the element count if GSNR is on (else zeros but ||grad||^2)."""
+        partial = torch.zeros(NUMEL + 1, len(table.piece_layer), device=self._reduce_device())
         for g in groups:
             owners = [p for p in g.group["params"] if p.grad is not None] if g.gsnr else []
             mean_scales = {id(p): 1.0 / (c * n) if c > 0 else 0.0
@@ -385,20 +389,31 @@ class VROptimizer(Optimizer):
                 columns = partial[:, block.columns]
                 if g.gsnr:
                     block.rho = self._ratio(g, block, n, mean_scales)
-                    columns[: gsnr.GRAD_SQ + 1] = block.rho.partial
+                    columns[:NUMEL] = block.rho.partial
                     columns[NUMEL] = torch.tensor([float(p.numel) for p in block.pieces])
+                    if block.rho.from_sample_sums:  # the guard must still see the gradient itself
+                        columns[gsnr.GRAD_SQ] = g.ops.sq_norms(block.grads)
                 else:
                     columns[gsnr.GRAD_SQ] = g.ops.sq_norms(block.grads)
         return partial
 
     def _ratio(self, g: GroupStep, block: Block, n: int, mean_scales: dict[int, float]) -> gsnr.GsnrRatio:
-        """Phase 1 of a block; mean_scales: a = 1 / (c n) per owner id."""
-        sq = []
-        for piece in block.pieces:
+        """Phase 1 of a block; mean_scales: a = 1 / (c n) per owner id.
+
+        The mean comes from the source's fp32 sum of the samples where it keeps
+        one (low-precision gradients; a = 1 / n), else from the gradient.
+        """
+        sq, sums, scales = [], [], []
+        for piece, grad in zip(block.pieces, block.grads):
             q = self._moments.sq_sum(piece.owner)
             sq.append(piece.of(q) if q is not None else torch.zeros_like(piece.of(piece.owner), dtype=torch.float32))
-        scales = [mean_scales[id(piece.owner)] for piece in block.pieces]
-        return gsnr.gsnr_ratio(block.grads, sq, scales, n, g.group["eps_gsnr"], g.ops)
+            sample_sum = self._moments.sample_sum(piece.owner)
+            sums.append(grad if sample_sum is None else piece.of(sample_sum))
+            scales.append(mean_scales[id(piece.owner)] if sample_sum is None else 1.0 / n)
+        group = g.group
+        ratio = gsnr.gsnr_ratio(sums, sq, scales, n, group["eps_gsnr"], group["gsnr_max"], g.ops)
+        ratio.from_sample_sums = any(s is not grad for s, grad in zip(sums, block.grads))
+        return ratio
 
     def _phase2(self, groups: list[GroupStep], table: gsnr.LayerTable, normalisers: list) -> Tensor:
         """Factor and rule direction per block; returns [4, P] bound counts and squared norms."""
@@ -501,6 +516,7 @@ class VROptimizer(Optimizer):
             sum_v=pick(sums[gsnr.SUM_V]),
             at_low=pick(second[AT_LOW]),
             at_high=pick(second[AT_HIGH]),
+            at_cap=pick(sums[gsnr.AT_CAP]),
         )
         same_step = self._stats is not None and self._stats.step == step
         self._stats = self._stats.merged(stats) if same_step else stats

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
 from ds_vrgd.optim._base import Block, VROptimizer, reject_unknown, validate_betas, validate_eps
 
@@ -31,6 +32,7 @@ class VRAdam(VROptimizer):
         *,
         gamma: float = 0.1,
         eps_gsnr: float = 1e-20,
+        gsnr_max: Optional[float] = GSNR_MAX,
         gsnr_warmup_steps: int = 0,
         gsnr_ema: float = 0.0,
         vr: bool = True,
@@ -42,7 +44,8 @@ class VRAdam(VROptimizer):
         validate_eps(eps)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr,
+            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max, gsnr_warmup_steps=gsnr_warmup_steps,
+            gsnr_ema=gsnr_ema, vr=vr,
         )
         super().__init__(params, defaults, foreach)
 
@@ -74,6 +77,7 @@ class VRAdamW(VRAdam):
         *,
         gamma: float = 0.1,
         eps_gsnr: float = 1e-20,
+        gsnr_max: Optional[float] = GSNR_MAX,
         gsnr_warmup_steps: int = 0,
         gsnr_ema: float = 0.0,
         vr: bool = True,
@@ -81,6 +85,6 @@ class VRAdamW(VRAdam):
         **unknown,
     ):
         super().__init__(
-            params, lr, betas, eps, weight_decay, gamma=gamma, eps_gsnr=eps_gsnr,
+            params, lr, betas, eps, weight_decay, gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max,
             gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr, foreach=foreach, **unknown,
         )

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
 from ds_vrgd.optim._base import (
     Block,
@@ -61,6 +62,7 @@ class VRLAMB(VROptimizer):
         *,
         gamma: float = 0.1,
         eps_gsnr: float = 1e-20,
+        gsnr_max: Optional[float] = GSNR_MAX,
         gsnr_warmup_steps: int = 0,
         gsnr_ema: float = 0.0,
         vr: bool = True,
@@ -74,7 +76,8 @@ class VRLAMB(VROptimizer):
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
             exclude_1d=bool(exclude_1d),
-            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr,
+            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max, gsnr_warmup_steps=gsnr_warmup_steps,
+            gsnr_ema=gsnr_ema, vr=vr,
         )
         super().__init__(params, defaults, foreach)
 

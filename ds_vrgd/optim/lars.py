@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
 from ds_vrgd.optim._base import Block, VROptimizer, _check_range, reject_unknown, trust_ratio
 
@@ -44,6 +45,7 @@ class VRLARS(VROptimizer):
         *,
         gamma: float = 0.1,
         eps_gsnr: float = 1e-20,
+        gsnr_max: Optional[float] = GSNR_MAX,
         gsnr_warmup_steps: int = 0,
         gsnr_ema: float = 0.0,
         vr: bool = True,
@@ -56,7 +58,8 @@ class VRLARS(VROptimizer):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
             exclude_1d=bool(exclude_1d),
-            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr,
+            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max, gsnr_warmup_steps=gsnr_warmup_steps,
+            gsnr_ema=gsnr_ema, vr=vr,
         )
         super().__init__(params, defaults, foreach)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
 from ds_vrgd.optim._base import Block, VROptimizer, _check_range, reject_unknown
 
@@ -30,6 +31,7 @@ class VRSGD(VROptimizer):
         *,
         gamma: float = 0.1,
         eps_gsnr: float = 1e-20,
+        gsnr_max: Optional[float] = GSNR_MAX,
         gsnr_warmup_steps: int = 0,
         gsnr_ema: float = 0.0,
         vr: bool = True,
@@ -43,7 +45,8 @@ class VRSGD(VROptimizer):
             raise ValueError("Invalid nesterov: Nesterov momentum requires momentum > 0 and dampening = 0")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr,
+            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max, gsnr_warmup_steps=gsnr_warmup_steps,
+            gsnr_ema=gsnr_ema, vr=vr,
         )
         super().__init__(params, defaults, foreach)
 

@@ -2,9 +2,8 @@
 
 The log (``log.jsonl`` in the output directory) holds one JSON object per line:
 ``{"event": "train", "step", "loss", "mlm_accuracy", "lr", "samples_per_second",
-"tokens_per_second", "gsnr_n", "gsnr_mean", "gsnr_frac_low", "gsnr_frac_high",
-"noise_ratio", "b_simple"}`` and ``{"event": "eval", "step", "eval_mlm_loss",
-"eval_mlm_accuracy", "eval_tokens"}``. Non-finite numbers are written as null.
+"tokens_per_second", ...}`` with the GSNR statistics of :data:`ds_vrgd.gsnr.LOG_FIELDS`,
+and ``{"event": "eval", "step", "eval_mlm_loss", "eval_mlm_accuracy", "eval_tokens"}``. Non-finite numbers are written as null.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ def format_summary(summary: dict) -> str:
         lines.append(
             f"last step: GSNR from n={gsnr['gsnr_n']} samples, layer mean {gsnr['gsnr_mean']:.3g}, "
             f"{gsnr['gsnr_frac_low']:.0%} of elements at the lower bound and {gsnr['gsnr_frac_high']:.0%} at the "
-            f"upper; B_simple {_number(gsnr['b_simple'], '.3g')}"
+            f"upper, {_number(gsnr.get('gsnr_frac_capped'), '.0%')} at the GSNR cap; B_simple {_number(gsnr['b_simple'], '.3g')}"
         )
     return "\n".join(lines + [f"summary: {Path(s['log']).with_name(SUMMARY)}", f"plot: {s['plot']}"])
 

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+from ds_vrgd import gsnr
 from ds_vrgd.pretrain import report
 from ds_vrgd.pretrain.data import MaskingSpec, MLMCollator, load_pretraining_data, read_meta, stable_seed
 from ds_vrgd.pretrain.models import PRESETS, MaskedPositionsMLM, bert_config, build_bert_mlm
@@ -74,10 +75,9 @@ NEEDED_MODULES = ("deepspeed", "transformers", "datasets", "tqdm", "matplotlib")
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 CHECKPOINTS, RUN = "checkpoints", "run.json"
 RUN_FILES = (CHECKPOINTS, RUN, report.LOG, report.SUMMARY, report.PLOT, "monitor")
-GSNR_FIELDS = {"gsnr_n": "n", "gsnr_mean": "gsnr_mean", "gsnr_frac_low": "frac_low", "gsnr_frac_high": "frac_high",
-               "noise_ratio": "noise_ratio", "b_simple": "b_simple"}  # log name: gsnr_stats() name
+GSNR_FIELDS = gsnr.LOG_FIELDS  # log name: gsnr_stats() name
 # monitor events written elsewhere: the GSNR statistics by ds_vrgd.deepspeed, Train/Samples/lr by DeepSpeed
-MONITORED_ELSEWHERE = {"gsnr_n", "gsnr_mean", "gsnr_frac_low", "gsnr_frac_high", "b_simple", "lr"}
+MONITORED_ELSEWHERE = {*gsnr.LOG_FIELDS, "lr"}
 
 
 # --------------------------------------------------------------------------- validation
