@@ -2,7 +2,7 @@
 
 * Registration (:func:`register`, run by ``import ds_vrgd``): a ds_config may
   name ``"optimizer": {"type": "VRLAMB", "params": {...}}`` (VRSGD, VRAdam,
-  VRAdamW, VRLARS, VRLAMB; case-insensitive) and plain
+  VRAdamW, VRLARS, VRLAMB; any case, surrounding spaces ignored) and plain
   ``deepspeed.initialize`` builds it; the types count as ZeRO-supported, so
   no ``zero_allow_untested_optimizer`` is needed.
 * Attachment (after the engine wrapped the optimizer): the VR optimizer gets a
@@ -24,6 +24,7 @@ instance) and the attributes ``round_robin_bit16_groups``,
 
 from __future__ import annotations
 
+import difflib
 import functools
 from typing import Any, Callable, Optional
 
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from packaging.version import Version
 
 import deepspeed
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.zero import utils as zero_utils
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -64,9 +66,31 @@ check_version()
 
 
 # ------------------------------------------------------------ construction
+def vr_optimizer_class(name: Any) -> Optional[type[VROptimizer]]:
+    """The VR optimizer a ds_config ``optimizer.type`` names (any case, surrounding whitespace
+    ignored), or None for anything else."""
+    return VR_OPTIMIZERS.get(name.strip().lower()) if isinstance(name, str) else None
+
+
+def unknown_optimizer_type(name: Any) -> ValueError:
+    """The error for an optimizer type that is neither a VR type nor one DeepSpeed knows: it quotes
+    the name, lists the VR and DeepSpeed types and suggests a close one."""
+    vr_names = [cls.__name__ for cls in VR_OPTIMIZERS.values()]
+    known = {n.lower(): n for n in vr_names + DEEPSPEED_OPTIMIZERS}
+    close = difflib.get_close_matches(str(name).strip().lower(), list(known), n=1)
+    hint = f"; did you mean {known[close[0]]!r}?" if close else ""
+    return ValueError(
+        f"ds_config optimizer type {name!r} is not a VR optimizer ({', '.join(vr_names)}; any case), "
+        f"a DeepSpeed optimizer ({', '.join(DEEPSPEED_OPTIMIZERS)}) or a torch.optim class name{hint}"
+    )
+
+
 def build_optimizer(name: str, model_parameters: Any, params: Optional[dict]) -> VROptimizer:
-    """The VR optimizer named in a ds_config, from its ``params`` (validated)."""
-    cls = VR_OPTIMIZERS[name.lower()]
+    """The VR optimizer named in a ds_config (see :func:`vr_optimizer_class`), from its ``params``
+    (validated by the optimizer); ValueError for an unknown name or a misplaced key."""
+    cls = vr_optimizer_class(name)
+    if cls is None:
+        raise unknown_optimizer_type(name)
     params = dict(params or {})
     if params.get("lr") == "auto":
         raise ValueError(
@@ -86,8 +110,12 @@ def build_optimizer(name: str, model_parameters: Any, params: Optional[dict]) ->
     return cls(model_parameters, **params)
 
 
-def _reject_unsupported(engine: DeepSpeedEngine, optimizer: VROptimizer) -> None:
-    name = type(optimizer).__name__
+def _reject_unsupported(engine: DeepSpeedEngine, optimizer: VROptimizer | type[VROptimizer]) -> None:
+    """ValueError listing the engine settings a VR optimizer cannot run under: ZeRO-3, ZeRO-Offload,
+    pipeline/model/sequence parallelism, fp16/bf16 at ZeRO stage 0 and, once DeepSpeed built its
+    optimizer, a wrapper other than ZeRO 1/2. ``optimizer``: the VR optimizer, or its class when
+    called before DeepSpeed built anything (all but the wrapper come from the config)."""
+    name = optimizer.__name__ if isinstance(optimizer, type) else type(optimizer).__name__
     problems = []
     if engine.zero_optimization_stage() > 2:
         problems.append(f"zero_optimization.stage={engine.zero_optimization_stage()} (supported: 0, 1, 2)")
@@ -98,11 +126,15 @@ def _reject_unsupported(engine: DeepSpeedEngine, optimizer: VROptimizer) -> None
     if engine.mpu is not None or getattr(engine, "sequence_parallel_size", 1) > 1:
         problems.append("model or sequence parallelism: use plain data parallelism")
     if engine.zero_optimization_stage() == 0 and (engine.fp16_enabled() or engine.bfloat16_enabled()):
-        problems.append("fp16/bf16 without ZeRO: set zero_optimization.stage to 1 or 2")
-    if not isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, VROptimizer)):
-        problems.append(f"optimizer wrapper {type(engine.optimizer).__name__}: use zero_optimization.stage 0-2")
+        problems.append(
+            "fp16/bf16 needs ZeRO stage 1 or 2 with a VR optimizer: set zero_optimization.stage to 1 or 2 (or use fp32)"
+        )
+    wrapper = engine.optimizer
+    if not problems and wrapper is not None and not isinstance(wrapper, (DeepSpeedZeroOptimizer, VROptimizer)):
+        problems.append(f"DeepSpeed's optimizer wrapper {type(wrapper).__name__} (supported: ZeRO stages 0-2 in fp32, "
+                        "1-2 in fp16/bf16)")
     if problems:
-        raise ValueError(f"{name} under DeepSpeed does not support: " + "; ".join(problems))
+        raise ValueError(f"{name} cannot run with this DeepSpeed config: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------- layout
@@ -237,7 +269,15 @@ def _optimizer_step(optimizer: VROptimizer) -> int:
 # ----------------------------------------------------------- registration
 @functools.lru_cache(maxsize=None)
 def register() -> None:
-    """Teach DeepSpeed the VR optimizer names (idempotent)."""
+    """Teach DeepSpeed the VR optimizer names (idempotent).
+
+    DeepSpeed's config keeps ``optimizer.type`` as written (it lower-cases only its own names), and
+    its one check of the name, in ``_do_sanity_check``, asserts ``_is_supported_optimizer``: so the
+    patched predicate accepts VR names in any case with surrounding whitespace and raises
+    :func:`unknown_optimizer_type` for a name nobody knows, and the patched builder normalises the
+    same way. Before DeepSpeed wraps a VR optimizer (ZeRO, fp16/bf16), the config is checked for
+    settings it cannot run under (:func:`_reject_unsupported`).
+    """
     configure_basic = DeepSpeedEngine._configure_basic_optimizer
     is_supported = DeepSpeedEngine._is_supported_optimizer
     configure = DeepSpeedEngine._configure_optimizer
@@ -245,16 +285,24 @@ def register() -> None:
     @functools.wraps(configure_basic)
     def configure_basic_optimizer(self, model_parameters):
         name = self.optimizer_name()
-        if name is not None and name.lower() in VR_OPTIMIZERS:
+        if vr_optimizer_class(name) is not None:
             return build_optimizer(name, model_parameters, self.optimizer_params())
         return configure_basic(self, model_parameters)
 
     @functools.wraps(is_supported)
     def is_supported_optimizer(self, optimizer_name):
-        return optimizer_name.lower() in VR_OPTIMIZERS or is_supported(self, optimizer_name)
+        if vr_optimizer_class(optimizer_name) is not None or is_supported(self, optimizer_name):
+            return True
+        raise unknown_optimizer_type(optimizer_name)
 
     @functools.wraps(configure)
     def configure_optimizer(self, client_optimizer, model_parameters):
+        if client_optimizer is None:
+            planned = vr_optimizer_class(self.optimizer_name())
+        else:
+            planned = type(client_optimizer) if isinstance(client_optimizer, VROptimizer) else None
+        if planned is not None:
+            _reject_unsupported(self, planned)
         configure(self, client_optimizer, model_parameters)
         if isinstance(self.basic_optimizer, VROptimizer):
             attach(self)

@@ -119,9 +119,9 @@ def check_optimizer_choice(trainer: Trainer) -> None:
             "pass optimizer_cls_and_kwargs=(VRLAMB, {...})"
         )
     if named is not None:
-        from ds_vrgd.deepspeed import VR_OPTIMIZERS
+        from ds_vrgd.deepspeed import VR_OPTIMIZERS, vr_optimizer_class
 
-        if named.lower() not in VR_OPTIMIZERS:
+        if vr_optimizer_class(named) is None:
             names = ", ".join(cls.__name__ for cls in VR_OPTIMIZERS.values())
             raise ValueError(f"{PREFIX}the DeepSpeed config names optimizer {named!r}, not a VR type ({names}); "
                              f"{HOW_TO_CHOOSE}")

@@ -179,40 +179,64 @@ class GroupStep:
             self.ops.scratch.reset()
 
 
-def _check_range(name: str, value: Any, low: float, high: float = math.inf, *, low_open=False, high_open=True) -> None:
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or below or above or math.isnan(value):
-        interval = ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
-        raise ValueError(f"Invalid {name}: {value!r}; expected a number in {interval}")
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    return ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+
+
+def _in_interval(value: Any, low: float, high: float, low_open=False, high_open=True) -> bool:
+    """Whether value is an int or float (not a bool) in the interval. The type is checked before any
+    comparison, so strings, None, lists... give False rather than a TypeError; NaN fails the comparisons."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+
+
+def _check_range(
+    name: str, value: Any, low: float, high: float = math.inf, *, low_open=False, high_open=True, optional=False
+) -> None:
+    """ValueError naming the option unless value is an int or float (not a bool, not NaN) in the
+    interval, or None with ``optional``."""
+    if (optional and value is None) or _in_interval(value, low, high, low_open, high_open):
+        return
+    kind = "None or a number (int or float)" if optional else "a number (int or float)"
+    raise ValueError(f"Invalid {name}: {value!r}; expected {kind} in {_interval(low, high, low_open, high_open)}")
+
+
+def _check_bool(name: str, value: Any, optional: bool = False) -> None:
+    """ValueError naming the option unless value is True or False (or None with ``optional``); 0, 1 and
+    strings such as "yes" are refused, not converted."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise ValueError(f"Invalid {name}: {value!r}; expected True or False" + (" or None" if optional else ""))
 
 
 def validate_vr_options(options: dict) -> None:
-    """Check the options every VR optimizer shares (raise ValueError naming the bad one)."""
+    """Check the options every VR optimizer shares (raise ValueError naming the bad one): lr,
+    weight_decay, gamma, eps_gsnr >= 0; gsnr_max None or > 0; gsnr_ema in [0, 1); gsnr_warmup_steps
+    an int >= 0; vr a bool; foreach None or a bool."""
     _check_range("lr", options["lr"], 0.0)
     _check_range("weight_decay", options["weight_decay"], 0.0)
     _check_range("gamma", options["gamma"], 0.0)
     _check_range("eps_gsnr", options["eps_gsnr"], 0.0)
-    if options["gsnr_max"] is not None:
-        _check_range("gsnr_max", options["gsnr_max"], 0.0, low_open=True)
+    _check_range("gsnr_max", options["gsnr_max"], 0.0, low_open=True, optional=True)
     _check_range("gsnr_ema", options["gsnr_ema"], 0.0, 1.0)
     warmup = options["gsnr_warmup_steps"]
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        raise ValueError(f"Invalid gsnr_warmup_steps: {warmup!r}; expected an integer >= 0")
-    if not isinstance(options["vr"], bool):
-        raise ValueError(f"Invalid vr: {options['vr']!r}; expected True or False")
+        raise ValueError(f"Invalid gsnr_warmup_steps: {warmup!r}; expected an integer (int) >= 0")
+    _check_bool("vr", options["vr"])
+    _check_bool("foreach", options.get("foreach"), optional=True)
 
 
 def validate_betas(betas: Any) -> None:
-    """betas must be two numbers in [0, 1)."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2) in [0, 1)")
-    for i, beta in enumerate(betas):
-        _check_range(f"betas[{i}]", beta, 0.0, 1.0)
+    """betas must be a tuple or list of two numbers (int or float), each in [0, 1)."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_in_interval(beta, 0.0, 1.0) for beta in betas)):
+        raise ValueError(
+            f"Invalid betas: {betas!r}; expected a pair (beta1, beta2) of numbers (int or float) in [0.0, 1.0)"
+        )
 
 
 def validate_eps(eps: Any) -> None:
-    """eps must be > 0."""
+    """eps must be a number (int or float) > 0."""
     _check_range("eps", eps, 0.0, low_open=True)
 
 
@@ -239,8 +263,8 @@ class VROptimizer(Optimizer):
     """True for rules that need per-layer ||W|| and ||update|| (LARS, LAMB): phase 3 runs."""
 
     def __init__(self, params: Iterable, defaults: dict, foreach: Optional[bool] = None):
-        validate_vr_options(defaults)
         defaults = dict(defaults, foreach=foreach)
+        self._validate(defaults)
         self._moments: MomentSource = BackwardHookMoments()
         super().__init__(params, defaults)
         self._layout = WholeParamLayout(self)
@@ -251,11 +275,14 @@ class VROptimizer(Optimizer):
         self._scratch = Scratch(CPU_TILE_NUMEL)
 
     # ----------------------------------------------------------------- setup
+    def _validate(self, options: dict) -> None:
+        """Raise ValueError naming the first bad option of ``options`` (the defaults, or a param group
+        over the defaults): the shared ones here (:func:`validate_vr_options`), the rule's in subclasses."""
+        validate_vr_options(options)
+
     def add_param_group(self, param_group: dict) -> None:
-        for key in ("lr", "weight_decay", *VR_DEFAULTS):
-            if key in param_group:
-                validate_vr_options({**self.defaults, **param_group})
-                break
+        """torch's add_param_group after validating the group's options (the defaults fill the rest)."""
+        self._validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for param in group["params"]:

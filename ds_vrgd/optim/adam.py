@@ -40,14 +40,18 @@ class VRAdam(VROptimizer):
         **unknown,
     ):
         reject_unknown(type(self), unknown)
-        validate_betas(betas)
-        validate_eps(eps)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max, gsnr_warmup_steps=gsnr_warmup_steps,
             gsnr_ema=gsnr_ema, vr=vr,
         )
         super().__init__(params, defaults, foreach)
+
+    def _validate(self, options: dict) -> None:
+        """Also: betas a pair of numbers in [0, 1), eps > 0."""
+        super()._validate(options)
+        validate_betas(options["betas"])
+        validate_eps(options["eps"])
 
     def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> None:
         params, lr, wd = block.params, group["lr"], group["weight_decay"]

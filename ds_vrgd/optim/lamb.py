@@ -39,6 +39,7 @@ from ds_vrgd._tensor_lists import ListOps, TensorList
 from ds_vrgd.optim._base import (
     Block,
     VROptimizer,
+    _check_bool,
     _check_range,
     reject_unknown,
     trust_ratio,
@@ -70,16 +71,21 @@ class VRLAMB(VROptimizer):
         **unknown,
     ):
         reject_unknown(type(self), unknown)
-        validate_betas(betas)
-        validate_eps(eps)
-        _check_range("max_trust_ratio", max_trust_ratio, 0.0, low_open=True, high_open=False)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
-            exclude_1d=bool(exclude_1d),
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
+            exclude_1d=exclude_1d,
             gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max, gsnr_warmup_steps=gsnr_warmup_steps,
             gsnr_ema=gsnr_ema, vr=vr,
         )
         super().__init__(params, defaults, foreach)
+
+    def _validate(self, options: dict) -> None:
+        """Also: betas a pair of numbers in [0, 1), eps > 0, max_trust_ratio in (0, inf], exclude_1d a bool."""
+        super()._validate(options)
+        validate_betas(options["betas"])
+        validate_eps(options["eps"])
+        _check_range("max_trust_ratio", options["max_trust_ratio"], 0.0, low_open=True, high_open=False)
+        _check_bool("exclude_1d", options["exclude_1d"])
 
     uses_layer_norms = True
 

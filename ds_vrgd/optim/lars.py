@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 
 from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import Block, VROptimizer, _check_range, reject_unknown, trust_ratio
+from ds_vrgd.optim._base import Block, VROptimizer, _check_bool, _check_range, reject_unknown, trust_ratio
 
 
 class VRLARS(VROptimizer):
@@ -53,15 +53,20 @@ class VRLARS(VROptimizer):
         **unknown,
     ):
         reject_unknown(type(self), unknown)
-        _check_range("momentum", momentum, 0.0, 1.0)
-        _check_range("trust_coefficient", trust_coefficient, 0.0, low_open=True)
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-            exclude_1d=bool(exclude_1d),
+            exclude_1d=exclude_1d,
             gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max, gsnr_warmup_steps=gsnr_warmup_steps,
             gsnr_ema=gsnr_ema, vr=vr,
         )
         super().__init__(params, defaults, foreach)
+
+    def _validate(self, options: dict) -> None:
+        """Also: momentum in [0, 1), trust_coefficient > 0, exclude_1d a bool."""
+        super()._validate(options)
+        _check_range("momentum", options["momentum"], 0.0, 1.0)
+        _check_range("trust_coefficient", options["trust_coefficient"], 0.0, low_open=True)
+        _check_bool("exclude_1d", options["exclude_1d"])
 
     uses_layer_norms = True
 

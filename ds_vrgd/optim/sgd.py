@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import Block, VROptimizer, _check_range, reject_unknown
+from ds_vrgd.optim._base import Block, VROptimizer, _check_bool, _check_range, reject_unknown
 
 
 class VRSGD(VROptimizer):
@@ -39,16 +39,24 @@ class VRSGD(VROptimizer):
         **unknown,
     ):
         reject_unknown(type(self), unknown)
-        _check_range("momentum", momentum, 0.0)
-        _check_range("dampening", dampening, 0.0, 1.0, high_open=False)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Invalid nesterov: Nesterov momentum requires momentum > 0 and dampening = 0")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max, gsnr_warmup_steps=gsnr_warmup_steps,
             gsnr_ema=gsnr_ema, vr=vr,
         )
         super().__init__(params, defaults, foreach)
+
+    def _validate(self, options: dict) -> None:
+        """Also: momentum >= 0, dampening in [0, 1], nesterov a bool (True needs momentum > 0, dampening 0)."""
+        super()._validate(options)
+        _check_range("momentum", options["momentum"], 0.0)
+        _check_range("dampening", options["dampening"], 0.0, 1.0, high_open=False)
+        _check_bool("nesterov", options["nesterov"])
+        if options["nesterov"] and (options["momentum"] <= 0 or options["dampening"] != 0):
+            raise ValueError(
+                f"Invalid nesterov: True with momentum={options['momentum']!r}, dampening={options['dampening']!r}; "
+                "Nesterov momentum requires momentum > 0 and dampening = 0"
+            )
 
     def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> None:
         params, wd, mu = block.params, group["weight_decay"], group["momentum"]

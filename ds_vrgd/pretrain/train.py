@@ -145,12 +145,12 @@ def check_optimizer(config: dict, path: str) -> tuple[str, float]:
     import deepspeed  # noqa: F401  before ds_vrgd.deepspeed, so that ds_vrgd's import hook registers the types
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
-    from ds_vrgd.deepspeed import VR_OPTIMIZERS, build_optimizer
+    from ds_vrgd.deepspeed import VR_OPTIMIZERS, build_optimizer, vr_optimizer_class
 
     block = config.get("optimizer")
     name = block.get("type") if isinstance(block, dict) else None
     known = isinstance(name, str) and (
-        name.lower() in VR_OPTIMIZERS or name.lower() in DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, name)
+        vr_optimizer_class(name) is not None or name.lower() in DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, name)
     )
     if not known:
         vr_types = ", ".join(cls.__name__ for cls in VR_OPTIMIZERS.values())
@@ -167,7 +167,7 @@ def check_optimizer(config: dict, path: str) -> tuple[str, float]:
             f'{path}: has a "scheduler" block, but the trainer sets the schedule (warmup + polynomial decay: '
             f'--warmup-proportion/--decay-power or the "{RECIPE_KEY}" section); remove "scheduler"'
         )
-    if name.lower() not in VR_OPTIMIZERS:
+    if vr_optimizer_class(name) is None:
         return name, float(lr)
     try:
         optimizer = build_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], block.get("params"))
