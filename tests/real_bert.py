@@ -67,13 +67,18 @@ def pretrain_steps(model, batches: BertBatches, steps: int, micro_batch: int = 8
         optimizer.zero_grad()
 
 
-def sample_grads(model, batches: BertBatches, n: int, micro_batch: int = 8, first: int = 0) -> dict[str, list]:
-    """name -> the n micro-batch gradients (each a tensor in the parameter's dtype), taken one backward at a time."""
+def sample_grads(
+    model, batches: BertBatches, n: int, micro_batch: int = 8, indices=None, scale: float = 1.0
+) -> dict[str, list]:
+    """name -> the n micro-batch gradients (each a tensor in the parameter's dtype), taken one backward at a time.
+
+    ``indices``: the micro-batches (default 0..n-1); ``scale``: the loss is multiplied by it (a loss scale).
+    """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     samples: dict[str, list] = {name: [] for name, _ in named}
-    for i in range(n):
+    for i in indices if indices is not None else range(n):
         model.zero_grad(set_to_none=True)
-        mlm_loss(model, batches.micro_batch(first + i, micro_batch)).backward()
+        (mlm_loss(model, batches.micro_batch(i, micro_batch)) * scale).backward()
         for name, p in named:
             samples[name].append(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
     model.zero_grad(set_to_none=True)
