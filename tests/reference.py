@@ -4,7 +4,7 @@ Written from docs/design.md only (not from ds_vrgd's code), so that the numerica
 tests compare two independent readings of the spec. Everything is float64 and
 deliberately naive: one tensor at a time, no foreach, no in-place tricks.
 
-Choices where DESIGN is not explicit (the implementation must match them):
+Choices where docs/design.md is not explicit (the implementation must match them):
 
 * ``gsnr_warmup_steps = k``: optimizer steps t = 1..k (t counts steps that were
   taken, from 1) use rho = 1; from step k+1 on rho is the GSNR factor.
@@ -17,7 +17,7 @@ Choices where DESIGN is not explicit (the implementation must match them):
 
   where t counts the steps whose q entered the average. The combinations of
   EMA with warmup and of EMA with n < 2 fallback steps are not specified by
-  DESIGN; this reference refuses them rather than invent a contract.
+  docs/design.md; this reference refuses them rather than invent a contract.
 * n < 2 samples: rho = 1 (the base optimizer's update).
 """
 
@@ -31,7 +31,7 @@ from torch import Tensor
 
 F64 = torch.float64
 
-# Defaults of the public constructors (DESIGN.md sections 2 and 5 plus the
+# Defaults of the public constructors (docs/design.md §2 plus the
 # torch.optim defaults of the base optimizers).
 VR_DEFAULTS = dict(gamma=0.1, eps_gsnr=1e-20, gsnr_max=1e3, gsnr_warmup_steps=0, gsnr_ema=0.0, vr=True)
 BASE_DEFAULTS = {
@@ -160,10 +160,10 @@ class ReferenceVR:
         warm = group["gsnr_warmup_steps"]
         beta = group["gsnr_ema"]
         if beta > 0 and warm > 0:
-            raise ValueError("reference: EMA combined with warmup is not specified by DESIGN")
+            raise ValueError("reference: EMA combined with warmup is not specified by docs/design.md")
         if len(samples) < 2:
             if beta > 0:
-                raise ValueError("reference: EMA combined with n < 2 is not specified by DESIGN")
+                raise ValueError("reference: EMA combined with n < 2 is not specified by docs/design.md")
             return ones
         if self.t <= warm:
             return ones

@@ -140,6 +140,19 @@ def test_bf16_runs_close_to_fp32_reference(world2):
     assert got["stats"]["gsnr_mean"] == pytest.approx(want["stats"]["gsnr_mean"], rel=0.05)
 
 
+def test_bf16_carries_the_sample_sums(world2):
+    """bf16 gradients: the fp32 sum of the samples travels with the squares (docs/design.md §3):
+    twice the buffer of the partition, twice the elements on the wire, the same bucket size."""
+    from tests.ds_harness import make_model
+
+    total = sum(p.numel() for p in make_model().parameters())
+    case = SPECIAL_2["bf16"]
+    got = world2[id(case)]
+    assert got["buffers"]["sq"] == 2 * got["partition_numel"]
+    assert got["buffers"]["bucket"] == 50
+    assert got["comm"]["elements"] == 2 * total * case.get("steps", 3) * case["gas"]
+
+
 def test_vr_false_is_the_base_optimizer_without_capture(world2):
     case = SPECIAL_2["vr_off"]
     got, want = world2[id(case)], reference(case, 2)

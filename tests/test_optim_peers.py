@@ -1,4 +1,4 @@
-"""vr=False (and gamma=0) against the peer optimizers (DESIGN.md section 2).
+"""vr=False (and gamma=0) against the peer optimizers (docs/design.md §2).
 
 * VRSGD / VRAdam / VRAdamW with vr=False or gamma=0 equal torch.optim.SGD /
   Adam / AdamW to fp32 tolerance.
@@ -7,7 +7,7 @@
   equality; where they differ the test asserts the difference is exactly the
   one documented below (so the documentation cannot go stale).
 
-Variant differences, VRLAMB (DESIGN section 2) vs pytorch_optimizer.Lamb:
+Variant differences, VRLAMB (docs/design.md §2) vs pytorch_optimizer.Lamb:
   L1 bias correction: VRLAMB uses m_hat = m/(1-b1^t), v_hat = v/(1-b2^t) inside
      the update and the trust ratio. Lamb never corrects v and corrects m only
      through the step size lr/(1-b1^t), applied AFTER the trust ratio: with the
@@ -33,7 +33,7 @@ Variant differences, VRLARS vs pytorch_optimizer.LARS:
      wd = 0.
   R2 exclusion: LARS always exempts ndim <= 1 tensors from trust ratio and wd
      (= VRLARS exclude_1d=True); VRLARS(exclude_1d=False) has no LARS twin.
-  R3 LARS has dampening and nesterov options; VRLARS (DESIGN) has neither (its
+  R3 LARS has dampening and nesterov options; VRLARS (docs/design.md) has neither (its
      momentum is b <- mu*b + trust*a, LARS's with dampening=0, nesterov=False).
   R4 Equal otherwise: momentum buffer initialised to the first trust-scaled
      update, trust = 1 when ||W|| or the denominator is 0, W <- W - lr*b.

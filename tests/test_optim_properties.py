@@ -1,4 +1,4 @@
-"""Properties of the GSNR factor and of the VR optimizers (DESIGN.md sections 2 and 5)."""
+"""Properties of the GSNR factor and of the VR optimizers (docs/design.md §2)."""
 
 import copy
 import inspect
@@ -207,7 +207,7 @@ def test_constructor_defaults(name):
         got = _default(opt, cls, key)
         if isinstance(val, tuple):
             got = tuple(got)
-        assert got == val, f"{name}.{key}: default {got!r}, DESIGN/contract says {val!r}"
+        assert got == val, f"{name}.{key}: default {got!r}, docs/design.md says {val!r}"
 
 
 def _p():

@@ -1,4 +1,4 @@
-"""Every VR optimizer equals the independent float64 reference of DESIGN.md section 2.
+"""Every VR optimizer equals the independent float64 reference of docs/design.md §2.
 
 Each case runs the implementation in fp32 (n backward() calls per step, the
 plain-PyTorch moment source) and tests/reference.py in float64 on the same
@@ -23,7 +23,7 @@ OPTS = {"VRSGD": VRSGD, "VRAdam": VRAdam, "VRAdamW": VRAdamW, "VRLARS": VRLARS, 
 # whose samples have a controlled across-sample variance).
 RTOL, ATOL = 1e-5, 1e-6
 # The "model" problem (autograd gradients of a tiny regression) cannot control
-# how small v = s - m^2 gets relative to s. Any fp32 implementation of DESIGN's
+# how small v = s - m^2 gets relative to s. Any fp32 implementation of docs/design.md's
 # formula loses ~ulp * s / v relative accuracy in v there, and through mean_k(r_k)
 # this shifts every q of the layer: measured up to ~4x the direct tolerance at
 # n = 3 and ~100x at n = 2 over seeds. So the model problem runs n in {1, 3, 8}

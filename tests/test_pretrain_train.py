@@ -143,7 +143,7 @@ def test_recipe_config_plans_at_its_world_sizes(tmp_path, path):
 NVIDIA = {1: dict(train_batch_size=65536, lr=6e-3, warmup_proportion=0.2843, steps=7038, max_seq_len=128,
                   max_predictions=20),
           2: dict(train_batch_size=32768, lr=4e-3, warmup_proportion=0.128, steps=1563, max_seq_len=512,
-                  max_predictions=80)}  # DESIGN.md section 6
+                  max_predictions=80)}  # NVIDIA's phase-2 recipe
 
 
 @pytest.mark.parametrize("model", ["base", "large"])

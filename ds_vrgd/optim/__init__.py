@@ -2,7 +2,7 @@
 
 Each is its base rule (SGD, Adam, AdamW, LARS, LAMB) with the GSNR factor
 rho of :mod:`ds_vrgd.gsnr` as an element-wise learning-rate multiplier
-(DESIGN.md §2). ``vr=False`` gives the base optimizer exactly.
+(docs/design.md §2). ``vr=False`` gives the base optimizer exactly.
 """
 
 from ds_vrgd.optim._base import VROptimizer
