@@ -39,7 +39,6 @@ from deepspeed.runtime.zero import utils as zero_utils
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import logger
 
-from ds_vrgd.capture import keeps_sample_sum
 from ds_vrgd.gsnr import LOG_FIELDS
 from ds_vrgd.optim import VRAdam, VRAdamW, VRLAMB, VRLARS, VROptimizer, VRSGD
 from ds_vrgd.partitioned import REPLICATED, Layer, OwnedSlice, PartitionedMoments
@@ -178,12 +177,6 @@ def _data_parallel_group():
 
 
 # ------------------------------------------------------------ attachment
-def _low_precision_gradients(engine: DeepSpeedEngine) -> bool:
-    """Whether the engine's gradients are fp16/bf16 somewhere between backward and the optimizer
-    (then the samples' fp32 sum travels with their squares: docs/design.md §3)."""
-    return engine.fp16_enabled() or engine.bfloat16_enabled() or keeps_sample_sum(engine.communication_data_type)
-
-
 def _norm(tensors) -> float:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])).item()
 
@@ -213,7 +206,7 @@ def attach(engine: DeepSpeedEngine) -> None:
     layers = _zero_layers(zero, names) if zero is not None else _replicated_layers(optimizer, names)
     bucket = int(engine.zero_reduce_bucket_size()) if zero is not None else int(5e8)
     capture = any(group["vr"] for group in optimizer.param_groups)
-    source = PartitionedMoments(layers, _data_parallel_group(), bucket, capture, _low_precision_gradients(engine))
+    source = PartitionedMoments(layers, _data_parallel_group(), bucket, capture, sample_sums=True)
     optimizer.use_moments(source, layout=source)
     optimizer.micro_batch_size = engine.train_micro_batch_size_per_gpu()
 
