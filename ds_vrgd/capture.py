@@ -7,15 +7,31 @@ For gradients in fp16/bf16 it also keeps the fp32 sum of the samples, from
 which the mean is taken instead of the half-precision gradient
 (docs/design.md §3).
 
-:class:`BackwardHookMoments` is the plain-PyTorch source: every
-``backward()`` between two optimizer steps is one sample. A tensor hook on
-each parameter sees that backward's gradient g and adds g^2 into Q; a
-post-accumulate hook records ||p.grad|| after the backward. At step time
+:class:`BackwardHookMoments` is the plain-PyTorch source: every outermost
+``backward()`` between two optimizer steps is one sample (a *micro-step*).
+A tensor hook on each parameter sees each gradient g that reaches it and a
+post-accumulate hook adds g^2 into Q once g is in p.grad; the second hook
+also records ||p.grad||. At step time
 ``c = ||p.grad|| / ||p.grad at capture||`` picks up any uniform rescaling the
 user applied after backward (``GradScaler.unscale_``,
 ``clip_grad_norm_``, division by the number of micro-batches), so m and s
 keep the same units. An element-wise change of p.grad (``clip_grad_value_``)
 is not detected.
+
+Sample rules (every source):
+
+* A parameter unused by a micro-batch contributes a zero sample to it (Q
+  gets nothing, n still counts the micro-step).
+* The sample is the micro-batch's whole gradient. Reentrant activation
+  checkpointing runs each segment's backward as a nested autograd graph
+  task, so a weight used in two segments receives two gradients in one
+  micro-step; they are summed before squaring (:class:`MicroStepSum`), and
+  the micro-step ends with the outermost backward (:class:`OutermostBackward`).
+* Gradients that never reach p.grad (``torch.autograd.grad``, e.g. for a
+  gradient penalty) are not samples; with ``create_graph=True`` their effect
+  on the later ``backward()`` is part of that backward's sample.
+* Every parameter of the watched groups is captured, also one that is frozen
+  when the optimizer is built and unfrozen later (from its first gradient on).
 
 A new step's collection starts after ``optimizer.step()`` or
 ``optimizer.zero_grad()``, or at the first backward that finds ``p.grad is
@@ -28,7 +44,9 @@ interface.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Protocol
+import contextlib
+import functools
+from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -66,22 +84,146 @@ def keeps_sample_sum(grad_dtype: torch.dtype) -> bool:
     return grad_dtype not in (torch.float32, torch.float64)
 
 
+class OutermostBackward:
+    """Calls ``on_end`` once at the end of the outermost backward in which :meth:`arm` was called.
+
+    A reentrant checkpoint runs its segment's backward as a nested graph task
+    inside the checkpoint's node. At the end of a graph task
+    ``torch._C._current_autograd_node()`` is None for an outermost task and the
+    enclosing node for a nested one; for a nested end, a post-hook on that node
+    arms the enclosing task when the node finishes, and so on outwards. So a
+    backward whose first parameter gradient arrives inside a checkpoint (with
+    none in the outer task) still ends once, at the outer end.
+    """
+
+    def __init__(self, on_end: Callable[[], None]):
+        self._on_end = on_end
+        self._armed: set[int] = set()  # graph tasks whose end is queued
+
+    def arm(self) -> None:
+        """From an autograd hook: have the running graph task report its end (once per task)."""
+        task = torch._C._current_graph_task_id()
+        if task not in self._armed:
+            self._armed.add(task)
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._task_ended, task))
+
+    def _task_ended(self, task: int) -> None:
+        self._armed.discard(task)
+        node = torch._C._current_autograd_node()
+        if node is None:
+            self._on_end()
+            return
+
+        def enclosing_task_resumed(grad_inputs, grad_outputs) -> None:
+            handle.remove()
+            self.arm()
+
+        handle = node.register_hook(enclosing_task_resumed)
+
+    def clear(self) -> None:
+        """Forget tasks armed by a backward that raised (their callbacks never run)."""
+        self._armed.clear()
+
+
+NEW, NEW_HELD, HELD, JOINED, UNSEPARABLE = range(5)
+"""Kinds of a gradient contribution (:meth:`MicroStepSum.arrive`)."""
+
+
+class MicroStepSum:
+    """One parameter's gradient contributions per micro-step; the sample is their sum.
+
+    Usually one contribution per micro-step arrives, and the source squares it
+    at once (NEW). A weight used in two reentrant-checkpointed segments gets
+    several. The second one of a micro-step that began with no gradient
+    accumulated for the parameter is JOINED: the accumulated gradient then
+    holds exactly the micro-step's earlier contributions, so the source can
+    complete the square (Q += 2 * earlier * g + g^2). From then on the
+    parameter *repeats*: its contributions are summed in an fp32 pending
+    buffer P (NEW_HELD, HELD) that the source squares once when the
+    micro-step ends (:meth:`settle`). A repeat first seen in a micro-step that
+    began with gradients of earlier micro-steps accumulated cannot be
+    separated from them (UNSEPARABLE): the source raises.
+    """
+
+    __slots__ = ("micro_step", "started_empty", "pending", "holding")
+
+    def __init__(self) -> None:
+        self.micro_step = -1
+        self.started_empty = False
+        self.pending: Optional[Tensor] = None
+        self.holding = False
+
+    def arrive(self, micro_step: int, grad: Tensor, had_grad: bool) -> int:
+        """Classify a contribution; ``had_grad``: the parameter had a gradient accumulated before it."""
+        if self.micro_step != micro_step:
+            self.micro_step, self.started_empty = micro_step, not had_grad
+            if self.pending is None:
+                return NEW
+            self.pending.copy_(grad)
+            self.holding = True
+            return NEW_HELD
+        if self.holding:
+            self.pending.add_(grad)
+            return HELD
+        if not self.started_empty:
+            return UNSEPARABLE
+        if self.pending is None:
+            self.pending = torch.zeros_like(grad, dtype=torch.float32)
+        return JOINED
+
+    def settle(self) -> Optional[Tensor]:
+        """The micro-step's pending sum, to square, the first time it is asked for; else None."""
+        if not self.holding:
+            return None
+        self.holding = False
+        return self.pending
+
+
+@contextlib.contextmanager
+def requiring_grad(param: Tensor):
+    """Let hooks be registered on a frozen parameter: torch refuses them on a tensor that does not
+    require grad, but keeps a leaf's hooks when it is frozen again, and they fire once it is unfrozen."""
+    frozen = not param.requires_grad
+    if frozen:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        if frozen:
+            param.requires_grad_(False)
+
+
+def describe(name: Optional[str], param: Tensor, index: int) -> str:
+    """How error messages name a parameter."""
+    return name if name is not None else f"parameter {index} (shape {tuple(param.shape)})"
+
+
 class _ParamCapture:
     """Per-parameter capture state of :class:`BackwardHookMoments`."""
 
-    __slots__ = ("sq", "sum", "count", "generation", "grad_norm", "handles")
+    __slots__ = ("name", "trainable_at_watch", "sq", "sum", "count", "generation", "grad_norm", "incoming",
+                 "contributions", "handles")
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, trainable: bool) -> None:
+        self.name = name
+        self.trainable_at_watch = trainable
         self.sq: Optional[Tensor] = None
         self.sum: Optional[Tensor] = None
-        self.count = 0
+        self.count = 0  # micro-steps with a sample in this generation
         self.generation = -1
         self.grad_norm: Optional[Tensor] = None
+        self.incoming: Optional[tuple[Tensor, bool]] = None  # (gradient, had a grad) from the tensor hook
+        self.contributions = MicroStepSum()
         self.handles: list = []
 
 
 class BackwardHookMoments:
-    """Samples = backward passes, captured by hooks on the parameters."""
+    """Samples = outermost backward passes, captured by hooks on the parameters (module docstring).
+
+    The tensor hook only hands the gradient to the post-accumulate hook, which
+    fires when the gradient reaches p.grad: ``torch.autograd.grad`` runs the
+    tensor hook but not the other, so its gradients are no samples.
+    """
 
     records_grad_norm_after_backward = True
     """Record ||p.grad|| after each backward (subclasses that know it later turn this off)."""
@@ -89,47 +231,109 @@ class BackwardHookMoments:
     def __init__(self) -> None:
         self._captures: dict[int, _ParamCapture] = {}
         self._generation = 0
+        self._micro_step = 0  # id of the latest micro-step (never reused)
+        self._in_micro_step = False
+        self._held: list[_ParamCapture] = []  # captures with a pending sum in this micro-step
+        self._backward = OutermostBackward(self._end_micro_step)
 
-    def watch(self, params: Iterable[Tensor]) -> None:
-        """Register the capture hooks on every parameter that requires grad."""
-        for param in params:
-            if not param.requires_grad or id(param) in self._captures:
+    def watch(self, params: Iterable[Tensor], names: Optional[Sequence[Optional[str]]] = None) -> None:
+        """Register the capture hooks on every parameter (also frozen ones: see :func:`requiring_grad`).
+
+        ``names`` (aligned with ``params``) name the parameters in error messages.
+        """
+        params = list(params)
+        for param, name in zip(params, names if names is not None else [None] * len(params)):
+            if id(param) in self._captures:
                 continue
-            capture = _ParamCapture()
-            capture.handles = [param.register_hook(self._sample_hook(param, capture))]
-            if self.records_grad_norm_after_backward:
-                capture.handles.append(param.register_post_accumulate_grad_hook(self._accumulated_hook(capture)))
+            capture = _ParamCapture(describe(name, param, len(self._captures)), param.requires_grad)
+            with requiring_grad(param):
+                capture.handles = [param.register_hook(self._sample_hook(param, capture)),
+                                   param.register_post_accumulate_grad_hook(self._accumulated_hook(capture))]
             self._captures[id(param)] = capture
 
-    def _sample_hook(self, param: Tensor, capture: _ParamCapture):
+    @staticmethod
+    def _sample_hook(param: Tensor, capture: _ParamCapture):
         def hook(grad: Tensor) -> None:
-            with torch.no_grad():
-                fresh = capture.generation != self._generation or param.grad is None
-                if capture.sq is None:
-                    capture.sq = torch.zeros_like(param, dtype=torch.float32)
-                    if keeps_sample_sum(param.dtype):
-                        capture.sum = torch.zeros_like(param, dtype=torch.float32)
-                if fresh:
-                    square_into(capture.sq, grad)
-                    if capture.sum is not None:
-                        capture.sum.copy_(grad)
-                    capture.count = 0
-                    capture.generation = self._generation
-                else:
-                    capture.sq.addcmul_(grad, grad)
-                    if capture.sum is not None:
-                        capture.sum.add_(grad)
-                capture.count += 1
+            capture.incoming = (grad.detach(), param.grad is not None)  # an alias: p.grad may still take g over
 
         return hook
+
+    def _accumulated_hook(self, capture: _ParamCapture):
+        def hook(param: Tensor) -> None:
+            grad, had_grad = capture.incoming
+            capture.incoming = None
+            if not self._in_micro_step:
+                self._in_micro_step = True
+                self._micro_step += 1
+            self._backward.arm()
+            with torch.no_grad():
+                self._record(param, capture, grad, had_grad)
+                if self.records_grad_norm_after_backward:
+                    capture.grad_norm = sq_norm(param.grad).sqrt()
+
+        return hook
+
+    def _record(self, param: Tensor, capture: _ParamCapture, grad: Tensor, had_grad: bool) -> None:
+        """Add one gradient contribution of the running micro-step to the capture (see MicroStepSum)."""
+        kind = capture.contributions.arrive(self._micro_step, grad, had_grad)
+        if kind == UNSEPARABLE:
+            raise RuntimeError(
+                f"{capture.name} received a second gradient within one backward (a weight used in several "
+                "reentrant-checkpointed segments) while p.grad held earlier backwards' gradients, which cannot be "
+                "told apart from this backward's sample: use torch.utils.checkpoint with use_reentrant=False, or "
+                "optimizer.zero_grad(set_to_none=True) so the repeat is first seen in a backward that starts with "
+                "p.grad None"
+            )
+        if kind in (NEW, NEW_HELD):
+            fresh = self._count_sample(capture, param, had_grad)
+            if kind == NEW:
+                self._put_square(capture, grad, replace=fresh)
+            else:
+                self._held.append(capture)
+                if fresh:  # settle adds the square into the new collection
+                    for buffer in (capture.sq, capture.sum):
+                        if buffer is not None:
+                            buffer.zero_()
+        elif kind == JOINED:  # p.grad is the micro-step's sum so far; Q and S hold only its first part
+            self._put_square(capture, param.grad, replace=True)
+
+    def _count_sample(self, capture: _ParamCapture, param: Tensor, had_grad: bool) -> bool:
+        """Count a micro-step's sample; returns whether it starts a new collection (p.grad was None
+        or the step is new), whose sums the first sample replaces."""
+        if capture.sq is None:
+            capture.sq = torch.zeros_like(param, dtype=torch.float32)
+            if keeps_sample_sum(param.dtype):
+                capture.sum = torch.zeros_like(param, dtype=torch.float32)
+        fresh = not had_grad or capture.generation != self._generation
+        if fresh:
+            capture.count = 0
+            capture.generation = self._generation
+        capture.count += 1
+        return fresh
 
     @staticmethod
-    def _accumulated_hook(capture: _ParamCapture):
-        def hook(param: Tensor) -> None:
-            with torch.no_grad():
-                capture.grad_norm = sq_norm(param.grad).sqrt()
+    def _put_square(capture: _ParamCapture, sample: Tensor, replace: bool) -> None:
+        """Q (+)= sample^2 and S (+)= sample (``replace``: = instead of +=)."""
+        if replace:
+            square_into(capture.sq, sample)
+            if capture.sum is not None:
+                capture.sum.copy_(sample)
+        else:
+            capture.sq.addcmul_(sample, sample)
+            if capture.sum is not None:
+                capture.sum.add_(sample)
 
-        return hook
+    def _settle(self, capture: _ParamCapture) -> None:
+        """Square the pending sum of a repeating parameter's micro-step into Q (once)."""
+        pending = capture.contributions.settle()
+        if pending is not None:
+            self._put_square(capture, pending, replace=False)
+
+    def _end_micro_step(self) -> None:
+        for capture in self._held:
+            self._settle(capture)
+        self._held = []
+        self._in_micro_step = False
 
     def _current(self, param: Tensor) -> Optional[_ParamCapture]:
         capture = self._captures.get(id(param))
@@ -163,7 +367,13 @@ class BackwardHookMoments:
         return scales
 
     def reset(self) -> None:
+        """New step; also drops what a backward that raised (or torch.autograd.grad) left behind."""
         self._generation += 1
+        self._in_micro_step = False
+        self._held = []
+        self._backward.clear()
+        for capture in self._captures.values():
+            capture.incoming = None
 
     step_done = reset
 

@@ -17,6 +17,13 @@ The gradient is averaged as by DDP's default hook; the squares are summed.
 The hook records ||p.grad|| after the reduction, so a later uniform rescale by
 the user (clipping, GradScaler unscaling) is detected as in plain PyTorch.
 
+The sample rules are those of :mod:`ds_vrgd.capture` (unused parameters,
+checkpointing, ``torch.autograd.grad``). A weight used in several
+reentrant-checkpointed segments needs ``DDP(..., static_graph=True)`` (DDP's
+own requirement); its squared sum is completed before its bucket is reduced.
+A parameter frozen when DDP was built is not averaged by DDP, so unfreezing
+it later raises at its first gradient: rebuild DDP instead.
+
     model = DDP(model)
     optimizer = VRLAMB(model.parameters(), lr=...)
     ds_vrgd.ddp.enable_gsnr(model, optimizer)
@@ -34,7 +41,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ds_vrgd._tensor_lists import sq_norm
-from ds_vrgd.capture import BackwardHookMoments, keeps_sample_sum
+from ds_vrgd.capture import BackwardHookMoments, _ParamCapture, keeps_sample_sum
 from ds_vrgd.optim import VROptimizer
 
 
@@ -55,9 +62,21 @@ class DDPMoments(BackwardHookMoments):
         """p.grad = (user rescale) x (rank average of the sample sums)."""
         return [c / self.world_size for c in super().grad_scales(params)]
 
+    def _record(self, param: Tensor, capture: _ParamCapture, grad: Tensor, had_grad: bool) -> None:
+        if not capture.trainable_at_watch:
+            raise RuntimeError(
+                f"{capture.name} did not require grad when DDP was built, so DDP does not average its gradient "
+                "across ranks: build DDP (and call enable_gsnr) again after unfreezing it"
+            )
+        super()._record(param, capture, grad, had_grad)
+
     def bucket_moments(self, params: list[Tensor], sample_sums: bool) -> Tensor:
         """[sum numel] fp32 (x2 with ``sample_sums``): this rank's sums of squared samples of the
-        bucket's parameters (then the sums of the samples)."""
+        bucket's parameters (then the sums of the samples), pending sums of repeats settled first."""
+        for param in params:
+            capture = self._current(param)
+            if capture is not None:
+                self._settle(capture)
         kinds = (self.sq_sum, self.sample_sum) if sample_sums else (self.sq_sum,)
         parts = []
         for kind in kinds:
@@ -117,6 +136,8 @@ def enable_gsnr(model: DistributedDataParallel, optimizer: VROptimizer, process_
     group: Optional[object] = process_group if process_group is not None else model.process_group
     source = DDPMoments(group)
     optimizer.use_moments(source)
-    source.watch(p for g in optimizer.param_groups if g["vr"] for p in g["params"])
+    names = {id(p): name for name, p in model.module.named_parameters()}
+    params = [p for g in optimizer.param_groups if g["vr"] for p in g["params"]]
+    source.watch(params, [names.get(id(p)) for p in params])
     model.register_comm_hook(source, gsnr_allreduce_hook)
     return source

@@ -15,11 +15,12 @@
 
 Patched DeepSpeed internals (0.19.8 <= version < 0.20, checked at import):
 ``DeepSpeedEngine._configure_basic_optimizer``, ``._is_supported_optimizer``,
-``._configure_optimizer``, ``._take_model_step``, ``.clip_fp32_gradients``
-(per engine), ``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` (per
-instance) and the attributes ``round_robin_bit16_groups``,
-``round_robin_bit16_offsets``, ``parallel_partitioned_bit16_groups``,
-``single_partition_of_fp32_groups`` of the ZeRO 1/2 optimizer.
+``._configure_optimizer``, ``._take_model_step``, ``.backward`` (one call is
+one micro-step, i.e. one sample per rank), ``.clip_fp32_gradients`` (per
+engine), ``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` (per instance), the
+attributes ``round_robin_bit16_groups``, ``round_robin_bit16_offsets``,
+``parallel_partitioned_bit16_groups``, ``single_partition_of_fp32_groups`` of
+the ZeRO 1/2 optimizer and the parameters' ``grad_accum`` (ZeRO 1).
 """
 
 from __future__ import annotations
@@ -197,6 +198,28 @@ def _record_rescale(source: PartitionedMoments, owners_of: Callable, rescale: Ca
     return recording
 
 
+def _local_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
+    """This rank's gradient of ``param`` accumulated so far in the step under ZeRO 0/1: p.grad, and
+    ``grad_accum`` where ZeRO 1 moves it to accumulate in another dtype."""
+    accumulated = getattr(param, "grad_accum", None)
+    if accumulated is None:
+        return param.grad
+    return accumulated if param.grad is None else accumulated + param.grad
+
+
+def _one_micro_step(source: PartitionedMoments, backward: Callable) -> Callable:
+    """Wrap ``engine.backward``: each call is one micro-step of the source, whatever autograd runs inside."""
+
+    @functools.wraps(backward)
+    def backward_micro_step(*args, **kwargs):
+        source.begin_micro_step()
+        result = backward(*args, **kwargs)
+        source.end_micro_step()
+        return result
+
+    return backward_micro_step
+
+
 def attach(engine: DeepSpeedEngine) -> None:
     """Connect the engine's VR optimizer to the ZeRO partitions (see module docstring)."""
     optimizer: VROptimizer = engine.basic_optimizer
@@ -206,8 +229,11 @@ def attach(engine: DeepSpeedEngine) -> None:
     layers = _zero_layers(zero, names) if zero is not None else _replicated_layers(optimizer, names)
     bucket = int(engine.zero_reduce_bucket_size()) if zero is not None else int(5e8)
     capture = any(group["vr"] for group in optimizer.param_groups)
-    source = PartitionedMoments(layers, _data_parallel_group(), bucket, capture, sample_sums=True)
+    local_grad = None if engine.zero_optimization_partition_gradients() else _local_grad
+    source = PartitionedMoments(layers, _data_parallel_group(), bucket, capture, sample_sums=True,
+                                local_grad=local_grad)
     optimizer.use_moments(source, layout=source)
+    engine.backward = _one_micro_step(source, engine.backward)
     optimizer.micro_batch_size = engine.train_micro_batch_size_per_gpu()
 
     if zero is not None:

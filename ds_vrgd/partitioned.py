@@ -4,16 +4,20 @@ This is the moment source the DeepSpeed adapter installs. It knows
 torch.distributed but not DeepSpeed: the adapter describes where every
 parameter's elements live (:class:`OwnedSlice`) and what the optimizer owns.
 
-Per micro-step (one ``backward()``), on every rank, a tensor hook on each
-parameter receives the local gradient g of that micro-batch and writes g^2
-(fp32) into one half of a reduction bucket (a parameter that does not fit is
-written in chunks). With ``sample_sums`` (fp16/bf16 gradients) each bucket
-row holds (g^2, g), both fp32, and the fp32 sum of the samples S travels with
-Q, so the mean does not come from the half-precision gradient
-(docs/design.md §3). When the half is full it is reduced asynchronously while
-the hooks fill the other half, so the communication overlaps the rest of the
-backward pass; before a half is refilled, and at the end of the backward
-pass, its reduction is waited for. The reduction follows the gradient's path:
+A micro-step is one ``engine.backward()``: the adapter calls
+:meth:`PartitionedMoments.begin_micro_step` and
+:meth:`PartitionedMoments.end_micro_step` around it, so its boundaries do not
+depend on autograd's graph tasks (reentrant checkpointing runs nested ones).
+Per micro-step, on every rank, a tensor hook on each parameter receives the
+local gradient g of that micro-batch and writes g^2 (fp32) into one half of a
+reduction bucket (a parameter that does not fit is written in chunks). With
+``sample_sums`` (fp16/bf16 gradients) each bucket row holds (g^2, g), both
+fp32, and the fp32 sum of the samples S travels with Q, so the mean does not
+come from the half-precision gradient (docs/design.md §3). When the half is
+full it is reduced asynchronously while the hooks fill the other half, so the
+communication overlaps the rest of the backward pass; before a half is
+refilled, and at the end of the micro-step, its reduction is waited for. The
+reduction follows the gradient's path:
 
 * partitioned (ZeRO 1/2): the slice destined to rank r is ``reduce``-d to r
   (one collective per destination rank present in the bucket, the pattern
@@ -27,6 +31,21 @@ exactly the elements this rank's optimizer updates, and n = world_size x
 micro-steps. Extra memory: Q (and S) (partition-sized, fp32) plus one fp32
 bucket (the two halves), and a copy of a half's slices for one destination
 when they are not adjacent in it.
+
+Sample rules (as in :mod:`ds_vrgd.capture`):
+
+* a parameter unused by a micro-batch contributes a zero sample;
+* a weight used in several reentrant-checkpointed segments gets several
+  gradients in one micro-step, and the sample is their sum
+  (:class:`~ds_vrgd.capture.MicroStepSum`): with ``local_grad`` (ZeRO 0/1,
+  whose accumulated gradient it reads) the square is completed and later
+  micro-steps keep a full-size fp32 pending sum for that weight; without it
+  (ZeRO 2, where DeepSpeed itself refuses a second reduction) it raises;
+* a hook outside ``engine.backward`` is ignored (``torch.autograd.grad``, e.g.
+  a gradient penalty: no sample), but a gradient accumulated into a parameter
+  there (a direct ``loss.backward()``) raises: call ``engine.backward(loss)``;
+* every layer's parameter is hooked, also one frozen now and unfrozen later.
+
 Collectives use their own process group (a clone of the data-parallel group)
 so they never interleave with the engine's own on one communicator.
 
@@ -38,7 +57,7 @@ layer means and LARS/LAMB norms are exact even for a layer split across ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,6 +65,7 @@ from torch import Tensor
 
 from ds_vrgd import gsnr
 from ds_vrgd._tensor_lists import square_into
+from ds_vrgd.capture import HELD, JOINED, NEW, NEW_HELD, MicroStepSum, requiring_grad
 from ds_vrgd.optim._base import Piece
 
 REPLICATED = -1
@@ -90,12 +110,15 @@ class PartitionedMoments:
     """Moment source and piece layout for data parallelism (see module docstring)."""
 
     def __init__(
-        self, layers: list[Layer], process_group, bucket_numel: int, capture: bool = True, sample_sums: bool = False
+        self, layers: list[Layer], process_group, bucket_numel: int, capture: bool = True, sample_sums: bool = False,
+        local_grad: Optional[Callable[[Tensor], Optional[Tensor]]] = None,
     ):
         """``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off.
 
         ``sample_sums``: also carry the fp32 sum of the samples (for fp16/bf16 gradients).
         ``bucket_numel``: fp32 elements of the bucket (both halves, all channels).
+        ``local_grad(param)``: this rank's gradient of param accumulated so far in the step (None if
+        none), where the engine keeps it; given, a weight may receive several gradients per micro-step.
         """
         self.layers = layers
         self.group = process_group
@@ -114,27 +137,72 @@ class PartitionedMoments:
         self._entries: list[_Entry] = []
         self._used = 0
         self._in_flight: list[tuple] = []  # (work, values, destination rank, owned slices)
-        self._micro_steps = 0
-        self._in_backward = False
+        self._micro_steps = 0  # in this step
+        self._micro_step_id = 0  # of the latest micro-step (never reused)
+        self._in_micro_step = False
+        self._sums = [MicroStepSum() for _ in layers]
+        self._held: list[int] = []  # layers with a pending sum in this micro-step
+        self._local_grad = local_grad
         self._grad_scale: dict[int, float] = {}
         self.comm = {"collectives": 0, "elements": 0}
-        self._handles = [layer.param.register_hook(self._hook(i)) for i, layer in enumerate(layers)
-                         if capture and layer.param.requires_grad]
+        self._handles = [handle for i in range(len(layers) if capture else 0) for handle in self._register(i)]
 
     # ------------------------------------------------------------- capture
+    def _register(self, index: int) -> list:
+        param = self.layers[index].param
+        with requiring_grad(param):
+            return [param.register_hook(self._hook(index)),
+                    param.register_post_accumulate_grad_hook(self._accumulated_hook(index))]
+
     def _hook(self, index: int):
         def hook(grad: Tensor) -> None:
-            if not self._in_backward:
-                self._in_backward = True
-                self._micro_steps += 1
-                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            with torch.no_grad():
-                self._add(index, grad.reshape(-1))
+            if self._in_micro_step:  # else e.g. torch.autograd.grad before engine.backward: no sample
+                with torch.no_grad():
+                    self._sample(index, grad)
 
         return hook
 
-    def _add(self, index: int, flat_grad: Tensor) -> None:
-        """Square a parameter's micro-batch gradient into the filling half, in chunks that fit."""
+    def _accumulated_hook(self, index: int):
+        def hook(param: Tensor) -> None:
+            if not self._in_micro_step:
+                raise RuntimeError(
+                    f"a gradient of {self.layers[index].name} was accumulated outside engine.backward() (a direct "
+                    "loss.backward()?): ds_vrgd takes one GSNR sample per engine.backward call; call "
+                    "engine.backward(loss)"
+                )
+
+        return hook
+
+    def _sample(self, index: int, grad: Tensor) -> None:
+        """One gradient contribution of the micro-step (see MicroStepSum)."""
+        param = self.layers[index].param
+        earlier = self._local_grad(param) if self._local_grad is not None else None
+        kind = self._sums[index].arrive(self._micro_step_id, grad, earlier is not None)
+        if kind == NEW:
+            self._add(index, grad.reshape(-1))
+        elif kind == NEW_HELD:
+            self._held.append(index)
+        elif kind == JOINED and earlier is not None:
+            self._add(index, grad.reshape(-1), earlier.reshape(-1))
+        elif kind != HELD:
+            raise RuntimeError(self._repeat_error(index))
+
+    def _repeat_error(self, index: int) -> str:
+        name = self.layers[index].name
+        if self._local_grad is None:
+            return (f"{name} received a second gradient within one engine.backward (a weight used in several "
+                    "reentrant-checkpointed segments), which DeepSpeed ZeRO-2 cannot reduce twice: use activation "
+                    "checkpointing with use_reentrant=False, or ZeRO stage 0/1")
+        return (f"{name} received a second gradient within one engine.backward (a weight used in several "
+                "reentrant-checkpointed segments), first seen when its gradient already held earlier micro-steps: "
+                "use activation checkpointing with use_reentrant=False")
+
+    def _add(self, index: int, flat_grad: Tensor, flat_earlier: Optional[Tensor] = None) -> None:
+        """Square a parameter's micro-batch gradient into the filling half, in chunks that fit.
+
+        With ``flat_earlier`` (the micro-step's earlier gradients of the parameter, whose square is
+        already in) it adds what completes the square of the sum: (2 earlier + g) g.
+        """
         bucket = self._halves[self._filling]
         start = 0
         while start < flat_grad.numel():
@@ -143,15 +211,31 @@ class PartitionedMoments:
                 bucket = self._halves[self._filling]
             numel = min(bucket.shape[0] - self._used, flat_grad.numel() - start)
             rows, grad = bucket.narrow(0, self._used, numel), flat_grad.narrow(0, start, numel)
-            square_into(rows[:, 0], grad)
+            if flat_earlier is None:
+                square_into(rows[:, 0], grad)
+            else:
+                torch.add(grad, flat_earlier.narrow(0, start, numel), alpha=2, out=rows[:, 0])
+                rows[:, 0].mul_(grad)
             if self._channels == 2:
                 rows[:, 1].copy_(grad)
             self._entries.append(_Entry(index, start, numel, self._used))
             self._used += numel
             start += numel
 
-    def _end_of_backward(self) -> None:
-        self._in_backward = False
+    def begin_micro_step(self) -> None:
+        """engine.backward starts: the gradients until :meth:`end_micro_step` are one sample per rank."""
+        self._in_micro_step = True
+        self._micro_steps += 1
+        self._micro_step_id += 1
+
+    def end_micro_step(self) -> None:
+        """engine.backward returned: square the repeats' pending sums, reduce everything into Q."""
+        for index in self._held:
+            pending = self._sums[index].settle()
+            if pending is not None:
+                self._add(index, pending.reshape(-1))
+        self._held = []
+        self._in_micro_step = False
         self.flush()
 
     def flush(self) -> None:
@@ -234,6 +318,7 @@ class PartitionedMoments:
         for buffer in (*self._sq.values(), *self._sum.values()):
             buffer.zero_()
         self._entries, self._used, self._micro_steps = [], 0, 0
+        self._in_micro_step, self._held = False, []
         self._grad_scale.clear()
 
     def close(self) -> None:
