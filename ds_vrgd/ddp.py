@@ -54,6 +54,7 @@ class DDPMoments(BackwardHookMoments):
         super().__init__()
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
+        self._reduced: set[int] = set()  # captures whose sums hold all ranks' samples (after a reduction)
 
     def num_samples(self) -> int:
         return super().num_samples() * self.world_size
@@ -68,7 +69,23 @@ class DDPMoments(BackwardHookMoments):
                 f"{capture.name} did not require grad when DDP was built, so DDP does not average its gradient "
                 "across ranks: build DDP (and call enable_gsnr) again after unfreezing it"
             )
+        self._to_rank_share(capture)
         super()._record(param, capture, grad, had_grad)
+
+    def _to_rank_share(self, capture: _ParamCapture) -> None:
+        """Scale all-rank sums back to this rank's share (1 / world_size of them) before they are added to
+        or reduced again: DDP without ``no_sync`` reduces every micro-step, and each sample must count once."""
+        if id(capture) in self._reduced:
+            self._reduced.discard(id(capture))
+            for buffer in (capture.sq, capture.sum):
+                if buffer is not None:
+                    buffer.div_(self.world_size)
+
+    def reset(self) -> None:
+        super().reset()
+        self._reduced.clear()
+
+    step_done = reset
 
     def bucket_moments(self, params: list[Tensor], sample_sums: bool) -> Tensor:
         """[sum numel] fp32 (x2 with ``sample_sums``): this rank's sums of squared samples of the
@@ -76,6 +93,7 @@ class DDPMoments(BackwardHookMoments):
         for param in params:
             capture = self._current(param)
             if capture is not None:
+                self._to_rank_share(capture)
                 self._settle(capture)
         kinds = (self.sq_sum, self.sample_sum) if sample_sums else (self.sq_sum,)
         parts = []
@@ -95,6 +113,7 @@ class DDPMoments(BackwardHookMoments):
                 capture.sq.view(-1).copy_(moments.narrow(0, start, numel))
                 if capture.sum is not None:
                     capture.sum.view(-1).copy_(moments.narrow(0, total + start, numel))
+                self._reduced.add(id(capture))
                 capture.grad_norm = sq_norm(grads.narrow(0, start, numel)).sqrt()
             start += numel
 

@@ -8,17 +8,15 @@
 * Attachment (after the engine wrapped the optimizer): the VR optimizer gets a
   :class:`~ds_vrgd.partitioned.PartitionedMoments` source and layout built
   from the engine's flat ZeRO partitions (stages 1, 2) or the replicated
-  parameters (stage 0, fp32), the rescale the engine applies after reduction
-  (fp16 unscale, gradient clipping) is recorded for the second moment, the
-  samples are dropped after every optimizer step (applied or skipped for fp16
-  overflow), and GSNR statistics go to the engine's monitor.
+  parameters (stage 0, fp32); the samples carry their own fp32 sums (so the
+  engine's rescaling, fp16 unscale and clipping, never reaches rho), they are
+  dropped after every optimizer step (applied or skipped for fp16 overflow),
+  and GSNR statistics go to the engine's monitor.
 
 Patched DeepSpeed internals (0.19.8 <= version < 0.20, checked at import):
 ``DeepSpeedEngine._configure_basic_optimizer``, ``._is_supported_optimizer``,
 ``._configure_optimizer``, ``._take_model_step``, ``.backward`` (one call is
-one micro-step, i.e. one sample per rank), ``.clip_fp32_gradients`` (per
-engine), ``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` (per instance), the
-attributes ``round_robin_bit16_groups``, ``round_robin_bit16_offsets``,
+one micro-step, i.e. one sample per rank), the attributes ``round_robin_bit16_groups``, ``round_robin_bit16_offsets``,
 ``parallel_partitioned_bit16_groups``, ``single_partition_of_fp32_groups`` of
 the ZeRO 1/2 optimizer and the parameters' ``grad_accum`` (ZeRO 1).
 """
@@ -178,26 +176,6 @@ def _data_parallel_group():
 
 
 # ------------------------------------------------------------ attachment
-def _norm(tensors) -> float:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])).item()
-
-
-def _record_rescale(source: PartitionedMoments, owners_of: Callable, rescale: Callable) -> Callable:
-    """Wrap an in-place gradient rescale so that source learns the factor it applied."""
-
-    @functools.wraps(rescale)
-    def recording(*args, **kwargs):
-        owners, grads = owners_of(*args, **kwargs)
-        before = _norm(grads)
-        result = rescale(*args, **kwargs)
-        scale = _norm(grads) / before if before > 0.0 else 1.0
-        for owner in owners:
-            source.set_grad_scale(owner, scale)
-        return result
-
-    return recording
-
-
 def _local_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
     """This rank's gradient of ``param`` accumulated so far in the step under ZeRO 0/1: p.grad, and
     ``grad_accum`` where ZeRO 1 moves it to accumulate in another dtype."""
@@ -230,28 +208,10 @@ def attach(engine: DeepSpeedEngine) -> None:
     bucket = int(engine.zero_reduce_bucket_size()) if zero is not None else int(5e8)
     capture = any(group["vr"] for group in optimizer.param_groups)
     local_grad = None if engine.zero_optimization_partition_gradients() else _local_grad
-    source = PartitionedMoments(layers, _data_parallel_group(), bucket, capture, sample_sums=True,
-                                local_grad=local_grad)
+    source = PartitionedMoments(layers, _data_parallel_group(), bucket, capture, local_grad=local_grad)
     optimizer.use_moments(source, layout=source)
     engine.backward = _one_micro_step(source, engine.backward)
     optimizer.micro_batch_size = engine.train_micro_batch_size_per_gpu()
-
-    if zero is not None:
-        fp32 = zero.single_partition_of_fp32_groups
-
-        def zero_grads(grad_groups_flat, total_norm):
-            owners = [p for p in fp32 if any(p.grad is g for g in grad_groups_flat)]
-            return owners, grad_groups_flat
-
-        zero.unscale_and_clip_grads = _record_rescale(source, zero_grads, zero.unscale_and_clip_grads)
-    else:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-
-        def model_grads():
-            with_grad = [p for p in params if p.grad is not None]
-            return with_grad, [p.grad for p in with_grad]
-
-        engine.clip_fp32_gradients = _record_rescale(source, model_grads, engine.clip_fp32_gradients)
 
     take_model_step = engine._take_model_step
 

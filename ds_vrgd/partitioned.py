@@ -10,10 +10,10 @@ A micro-step is one ``engine.backward()``: the adapter calls
 depend on autograd's graph tasks (reentrant checkpointing runs nested ones).
 Per micro-step, on every rank, a tensor hook on each parameter receives the
 local gradient g of that micro-batch and writes g^2 (fp32) into one half of a
-reduction bucket (a parameter that does not fit is written in chunks). With
-``sample_sums`` (fp16/bf16 gradients) each bucket row holds (g^2, g), both
-fp32, and the fp32 sum of the samples S travels with Q, so the mean does not
-come from the half-precision gradient (docs/design.md §3). When the half is
+reduction bucket (a parameter that does not fit is written in chunks). Each
+bucket row holds (g^2, g), both fp32: the fp32 sum of the samples S travels
+with Q, so the mean never comes from the engine's gradient, which is summed
+in an order of its own and, in fp16/bf16, rounded (docs/design.md §3). When the half is
 full it is reduced asynchronously while the hooks fill the other half, so the
 communication overlaps the rest of the backward pass; before a half is
 refilled, and at the end of the micro-step, its reduction is waited for. The
@@ -68,6 +68,9 @@ from ds_vrgd._tensor_lists import square_into
 from ds_vrgd.capture import HELD, JOINED, NEW, NEW_HELD, MicroStepSum, requiring_grad
 from ds_vrgd.optim._base import Piece
 
+ROW = 2
+"""fp32 elements per bucket row: (g^2, g)."""
+
 REPLICATED = -1
 """Destination rank meaning "every rank" (ZeRO 0)."""
 
@@ -110,13 +113,12 @@ class PartitionedMoments:
     """Moment source and piece layout for data parallelism (see module docstring)."""
 
     def __init__(
-        self, layers: list[Layer], process_group, bucket_numel: int, capture: bool = True, sample_sums: bool = False,
+        self, layers: list[Layer], process_group, bucket_numel: int, capture: bool = True,
         local_grad: Optional[Callable[[Tensor], Optional[Tensor]]] = None,
     ):
         """``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off.
 
-        ``sample_sums``: also carry the fp32 sum of the samples (for fp16/bf16 gradients).
-        ``bucket_numel``: fp32 elements of the bucket (both halves, all channels).
+        ``bucket_numel``: fp32 elements of the bucket (both halves, (g^2, g) rows).
         ``local_grad(param)``: this rank's gradient of param accumulated so far in the step (None if
         none), where the engine keeps it; given, a weight may receive several gradients per micro-step.
         """
@@ -127,12 +129,11 @@ class PartitionedMoments:
         owners = {id(s.owner): s.owner for layer in layers for s in layer.slices if s.owner is not None}
         fp32 = dict(dtype=torch.float32)
         self._sq = {key: torch.zeros_like(owner, **fp32) for key, owner in owners.items() if capture}
-        self._sum = {key: torch.zeros_like(owner, **fp32) for key, owner in owners.items() if capture and sample_sums}
-        self._channels = 2 if sample_sums else 1  # bucket row: g^2 (, g)
+        self._sum = {key: torch.zeros_like(owner, **fp32) for key, owner in owners.items() if capture}
         total = sum(layer.param.numel() for layer in layers)
         device = layers[0].param.device if layers else torch.device("cpu")
-        size = max(2, min(bucket_numel // self._channels, total)) if capture else 0
-        self._halves = [torch.empty(rows, self._channels, device=device, **fp32) for rows in (size - size // 2, size // 2)]
+        size = max(2, min(bucket_numel // ROW, total)) if capture else 0
+        self._halves = [torch.empty(rows, ROW, device=device, **fp32) for rows in (size - size // 2, size // 2)]
         self._filling = 0  # the half the hooks write into; the other may be in flight
         self._entries: list[_Entry] = []
         self._used = 0
@@ -143,7 +144,6 @@ class PartitionedMoments:
         self._sums = [MicroStepSum() for _ in layers]
         self._held: list[int] = []  # layers with a pending sum in this micro-step
         self._local_grad = local_grad
-        self._grad_scale: dict[int, float] = {}
         self.comm = {"collectives": 0, "elements": 0}
         self._handles = [handle for i in range(len(layers) if capture else 0) for handle in self._register(i)]
 
@@ -216,8 +216,7 @@ class PartitionedMoments:
             else:
                 torch.add(grad, flat_earlier.narrow(0, start, numel), alpha=2, out=rows[:, 0])
                 rows[:, 0].mul_(grad)
-            if self._channels == 2:
-                rows[:, 1].copy_(grad)
+            rows[:, 1].copy_(grad)
             self._entries.append(_Entry(index, start, numel, self._used))
             self._used += numel
             start += numel
@@ -280,16 +279,16 @@ class PartitionedMoments:
         self._in_flight = []
 
     def _accumulate(self, flat: Tensor, pieces: list[OwnedSlice]) -> None:
-        """Add reduced bucket rows [k, channels] into Q (and S) of their owners."""
+        """Add reduced bucket rows [k, (g^2, g)] into Q and S of their owners."""
         start = 0
         for piece in pieces:
             rows = flat.narrow(0, start, piece.numel)
-            for channel, buffers in enumerate((self._sq, self._sum)[: self._channels]):
+            for channel, buffers in enumerate((self._sq, self._sum)):
                 buffers[id(piece.owner)].view(-1).narrow(0, piece.owner_offset, piece.numel).add_(rows[:, channel])
             start += piece.numel
 
     def buffer_numel(self) -> dict:
-        """Extra fp32 elements held: the Q (and S) buffers and the reduction bucket."""
+        """Extra fp32 elements held: the Q and S buffers and the reduction bucket."""
         held = sum(b.numel() for b in self._sq.values()) + sum(b.numel() for b in self._sum.values())
         return {"sq": held, "bucket": sum(h.numel() for h in self._halves)}
 
@@ -303,13 +302,10 @@ class PartitionedMoments:
     def sample_sum(self, param: Tensor) -> Optional[Tensor]:
         return self._sum.get(id(param)) if self._micro_steps else None
 
-    def set_grad_scale(self, owner: Tensor, scale: float) -> None:
-        """The engine rescaled owner's gradient by ``scale`` after reduction (unscale, clipping)."""
-        self._grad_scale[id(owner)] = scale
-
     def grad_scales(self, params: list[Tensor]) -> list[float]:
-        """c = (engine rescale) / world_size: the gradient is the rank-average of the sample sums."""
-        return [self._grad_scale.get(id(p), 1.0) / self.world_size for p in params]
+        """1 / world_size (the gradient is the rank average of the sample sums, before any rescale by the
+        engine); the optimizer takes the mean from S, so this is never needed for rho."""
+        return [1.0 / self.world_size] * len(params)
 
     def step_done(self) -> None:
         """One param group stepped; the engine calls :meth:`reset` after the whole step."""
@@ -319,7 +315,6 @@ class PartitionedMoments:
             buffer.zero_()
         self._entries, self._used, self._micro_steps = [], 0, 0
         self._in_micro_step, self._held = False, []
-        self._grad_scale.clear()
 
     def close(self) -> None:
         for handle in self._handles:

@@ -23,7 +23,6 @@ Choices where docs/design.md is not explicit (the implementation must match them
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 import torch

@@ -18,6 +18,7 @@ CASES = [
     dict(optimizer="VRSGD", gas=1, clip=0.0, params={"momentum": 0.9, "gamma": 0.0}),
     dict(optimizer="VRAdamW", gas=3, clip=1.0),
     dict(optimizer="VRLARS", gas=2, clip=0.02, dtype="bf16"),
+    dict(optimizer="VRAdamW", gas=3, clip=1.0, sync_every=True),  # accumulation without no_sync
 ]
 
 
@@ -38,7 +39,8 @@ def _worker(rank, world, port, out_dir):
         for step in range(3):
             for micro in range(case["gas"]):
                 x, y = micro_batch(step, rank, micro)
-                context = model.no_sync() if micro < case["gas"] - 1 else torch.enable_grad()
+                last = micro == case["gas"] - 1 or case.get("sync_every")
+                context = torch.enable_grad() if last else model.no_sync()
                 with context:
                     (loss_of(model, x.to(dtype), y.to(dtype)) / case["gas"]).float().backward()
             if case["clip"]:
@@ -60,7 +62,8 @@ def results():
 
 
 def _id(case):
-    return f"{case['optimizer']}-gas{case['gas']}-{case.get('dtype', 'fp32')}-gamma{case.get('params', {}).get('gamma', 0.5)}"
+    sync = "-sync_every" if case.get("sync_every") else ""
+    return f"{case['optimizer']}-gas{case['gas']}-{case.get('dtype', 'fp32')}-gamma{case.get('params', {}).get('gamma', 0.5)}{sync}"
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[_id(c) for c in CASES])

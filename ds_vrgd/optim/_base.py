@@ -289,7 +289,7 @@ class VROptimizer(Optimizer):
             if param.is_sparse:
                 raise ValueError(f"{type(self).__name__} does not support sparse parameters")
         if group["vr"] and isinstance(self._moments, BackwardHookMoments):
-            self._moments.watch(group["params"])
+            self._moments.watch(group["params"], group.get("param_names"))
 
     def use_moments(self, source: MomentSource, layout: Any = None) -> None:
         """Replace the sample source (and the piece layout); the DeepSpeed/DDP adapters call this."""
