@@ -12,11 +12,11 @@ definition the distributed run must reproduce.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import torch
-import torch.multiprocessing as mp
+
+from tests.launching import spawn
 
 MICRO_BATCH = 4
 LR = 0.01
@@ -130,16 +130,10 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str, f
     deepspeed.comm.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_cases(world: int, cases: list[dict], fp16_on_cpu: bool = False) -> list[dict]:
     """Train every case on ``world`` spawned gloo ranks; rank 0's results, one per case."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world, _free_port(), cases, out_dir, fp16_on_cpu), nprocs=world, join=True)
+        spawn(_worker, world, lambda port: (world, port, cases, out_dir, fp16_on_cpu))
         return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
 
 
@@ -204,5 +198,5 @@ def _config_worker(rank: int, world: int, port: int, configs: list[dict], out_di
 def initialize_configs(configs: list[dict], world: int = 1) -> list[dict]:
     """Outcome of deepspeed.initialize + one step for each raw ds_config (see _config_worker)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_config_worker, args=(world, _free_port(), configs, out_dir), nprocs=world, join=True)
+        spawn(_config_worker, world, lambda port: (world, port, configs, out_dir))
         return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)

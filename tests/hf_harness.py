@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
-from tests.ds_harness import _free_port
+from tests import launching
+from tests.launching import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -15,8 +15,7 @@ BIN = os.path.dirname(sys.executable)
 def run(command: list[str], **env) -> str:
     """Run ``command`` from the repository root on CPU, offline; assert success; return its stdout."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO, HF_HUB_OFFLINE="1", **env)
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-                          check=False)
+    done = launching.run(command, cwd=REPO, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -24,4 +23,4 @@ def run(command: list[str], **env) -> str:
 def accelerate_launch(*flags: str) -> list[str]:
     """``accelerate launch`` with 2 processes on one machine, fp32, a free port, then ``flags`` (script, args)."""
     return [os.path.join(BIN, "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *flags]
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *flags]

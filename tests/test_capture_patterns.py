@@ -22,11 +22,11 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.checkpoint import checkpoint
 
-from tests.ds_harness import _free_port, micro_batch
+from tests.ds_harness import micro_batch
 from tests.reference import ReferenceVR
+from tests.launching import spawn
 
 KIND, HYPER = "VRSGD", dict(lr=0.1, momentum=0.9, gamma=0.5)
 STEPS = 3
@@ -350,7 +350,7 @@ def _ddp_unfrozen_later(rank) -> str:
 @pytest.fixture(scope="module")
 def ddp_results():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_ddp_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        spawn(_ddp_worker, WORLD, lambda port: (port, out_dir))
         return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
 
 
@@ -440,7 +440,7 @@ def _ds_worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def ds_results():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_ds_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        spawn(_ds_worker, WORLD, lambda port: (port, out_dir))
         return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
 
 

@@ -6,9 +6,9 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.ds_harness import _free_port, loss_of, make_model, max_param_diff, micro_batch, reference
+from tests.ds_harness import loss_of, make_model, max_param_diff, micro_batch, reference
+from tests.launching import spawn
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def _worker(rank, world, port, out_dir):
 @pytest.fixture(scope="module")
 def results():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        spawn(_worker, 2, lambda port: (2, port, out_dir))
         return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
 
 

@@ -2,12 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.ds_harness import _free_port, initialize_configs
+from tests.ds_harness import initialize_configs
+from tests import launching
+from tests.launching import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,13 +76,13 @@ def test_one_sample_per_step_warns_and_falls_back(outcomes):
 def test_deepspeed_launcher_runs_a_repo_config(tmp_path):
     summary = tmp_path / "summary.json"
     command = [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
         os.path.join(REPO, "examples", "deepspeed_minimal.py"),
         "--deepspeed_config", os.path.join(REPO, "ds_configs", "cpu_tiny_zero2_vrlamb.json"),
         "--steps", "10", "--summary", str(summary),
     ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = launching.run(command, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(summary.read_text())
     assert result["optimizer"] == "VRLAMB" and result["zero_stage"] == 2 and result["world_size"] == 2

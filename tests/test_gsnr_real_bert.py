@@ -19,12 +19,11 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ds_vrgd.optim import VRSGD
-from tests.ds_harness import _free_port
 from tests.real_bert import bert_batches, bert_model, mlm_loss, pretrain_steps, sample_grads
 from tests.reference import gsnr_parts, moments, rho_from_moments_ref
+from tests.launching import spawn
 
 GAMMA = 0.1
 RHO_TOL = 1e-3
@@ -236,7 +235,7 @@ def run_distributed(batches, states, mode: str, precision: str, world: int = 2, 
     with tempfile.TemporaryDirectory() as out_dir:
         torch.save(states["trained"], os.path.join(out_dir, "state.pt"))
         torch.save(batches, os.path.join(out_dir, "batches.pt"))
-        mp.spawn(_worker, args=(world, _free_port(), mode, precision, gas, out_dir), nprocs=world, join=True)
+        spawn(_worker, world, lambda port: (world, port, mode, precision, gas, out_dir))
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from tests.ds_harness import _free_port
 from tests.hf_harness import BIN, REPO, accelerate_launch, run
+from tests.launching import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def _check(result):
 
 def test_trainer_deepspeed_argument_under_deepspeed_launcher(tmp_path):
     out = tmp_path / "result.json"
-    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), SCRIPT, str(out),
+    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), SCRIPT, str(out),
          "--via-args"])
     _check(json.loads(out.read_text()))
 

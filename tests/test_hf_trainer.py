@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 
-from tests.ds_harness import _free_port, make_model, max_param_diff
+from tests.ds_harness import make_model, max_param_diff
 from tests.hf_harness import REPO, accelerate_launch, run
 from tests.scripts.hf_trainer_regression import ACCUMULATION, STEPS, reference
+from tests.launching import free_port
 
 REGRESSION = os.path.join(REPO, "tests", "scripts", "hf_trainer_regression.py")
 
@@ -60,7 +61,7 @@ def test_trainer_on_ddp_under_accelerate_launch_matches_reference(tmp_path):
 
 def test_optimizer_choices_accepted_and_refused_with_the_fix(tmp_path):
     script = os.path.join(REPO, "tests", "scripts", "hf_optimizer_choice.py")
-    errors = json.loads(run([sys.executable, script, str(tmp_path), str(_free_port())]).splitlines()[-1])
+    errors = json.loads(run([sys.executable, script, str(tmp_path), str(free_port())]).splitlines()[-1])
     accepted = ["vr_class", "vr_object", "config_names_vr", "vr_class_under_deepspeed"]
     assert {name: errors[name] for name in accepted} == dict.fromkeys(accepted, "accepted")
     how = "name a VR type in the DeepSpeed config"
@@ -98,7 +99,7 @@ def _tensorboard_scalars(log_dir) -> set[str]:
 def test_mlm_example_through_its_launch_script(tmp_path, mode):
     run(["bash", os.path.join(REPO, "launch", "hf_trainer_mlm.sh"), mode, "--output-dir", str(tmp_path),
          "--max-steps", "4", "--max-bytes", "60000", "--per-device-batch-size", "2", "--report-to", "tensorboard"],
-        PORT=str(_free_port()), VRGD_VENV=sys.prefix)
+        PORT=str(free_port()), VRGD_VENV=sys.prefix)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["optimizer"] == "VRLAMB" and metrics["deepspeed"] == (mode == "accelerate-deepspeed")
     assert metrics["world_size"] == 2 and metrics["n"] == metrics["gsnr_n"] == 2 * 2  # ranks x grad-accum

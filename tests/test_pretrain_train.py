@@ -18,7 +18,8 @@ import torch
 from ds_vrgd.pretrain import data, report, train
 from ds_vrgd.pretrain.corpus import open_corpus
 from ds_vrgd.pretrain.models import MaskedPositionsMLM, build_bert_mlm
-from tests.ds_harness import _free_port
+from tests import launching
+from tests.launching import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "ds_configs"
@@ -54,7 +55,7 @@ def run(command: list, **env) -> subprocess.CompletedProcess:
     """Run from the repository root on CPU, offline."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
                PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **env)
-    return subprocess.run([str(c) for c in command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return launching.run([str(c) for c in command], cwd=REPO, env=env, timeout=900)
 
 
 def succeeded(done: subprocess.CompletedProcess) -> str:
@@ -63,7 +64,7 @@ def succeeded(done: subprocess.CompletedProcess) -> str:
 
 
 def deepspeed(*trainer_args) -> list:
-    return [BIN / "deepspeed", "--num_gpus", "2", "--master_port", _free_port(), "--module", "ds_vrgd.pretrain",
+    return [BIN / "deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "ds_vrgd.pretrain",
             *trainer_args]
 
 
@@ -309,7 +310,7 @@ def test_masked_positions_model_matches_bert_for_masked_lm():
 def two_phases(tmp_path_factory, seq32, seq64):
     """launch/pretrain_bert.sh, both phases on 2 CPU ranks: 6 steps at seq 32 (checkpoints at 3 and 6), 2 at 64."""
     tmp = tmp_path_factory.mktemp("two_phases")
-    env = dict(PHASES="1 2", NUM_GPUS="2", MASTER_PORT=str(_free_port()), OUTPUT=str(tmp / "bert"),
+    env = dict(PHASES="1 2", NUM_GPUS="2", MASTER_PORT=str(free_port()), OUTPUT=str(tmp / "bert"),
                DATA1=str(seq32), DATA2=str(seq64),
                CONFIG1=str(small_config(tmp / "phase1.json", max_seq_len=32, steps=6, warmup_proportion=0.3)),
                CONFIG2=str(small_config(tmp / "phase2.json", max_seq_len=64, steps=2, phase=2)))
@@ -387,7 +388,7 @@ def test_a_deepspeed_optimizer_under_accelerate_launch(tmp_path, seq32):
     config = json.loads(small_config(tmp_path / "c.json", max_seq_len=32, steps=4).read_text())
     config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}}
     (tmp_path / "adamw.json").write_text(json.dumps(config))
-    env = dict(PHASES="1", NUM_PROCESSES="2", MAIN_PROCESS_PORT=str(_free_port()), OUTPUT=str(tmp_path / "run"),
+    env = dict(PHASES="1", NUM_PROCESSES="2", MAIN_PROCESS_PORT=str(free_port()), OUTPUT=str(tmp_path / "run"),
                DATA1=str(seq32), CONFIG1=str(tmp_path / "adamw.json"))
     succeeded(run(["bash", REPO / "launch" / "pretrain_bert_accelerate.sh", "--eval-batches", "2"], **env))
     summary = summary_of(tmp_path / "run" / "phase1")
@@ -409,7 +410,7 @@ def test_launcher_reports_bad_input_on_every_rank_before_starting(tmp_path, seq3
 
 @pytest.mark.slow
 def test_demo_script_runs_and_reruns(tmp_path):
-    env = dict(DEMO_OUTPUT=str(tmp_path / "demo"), MASTER_PORT=str(_free_port()), VRGD_VENV=sys.prefix)
+    env = dict(DEMO_OUTPUT=str(tmp_path / "demo"), MASTER_PORT=str(free_port()), VRGD_VENV=sys.prefix)
     first = succeeded(run(["bash", REPO / "launch" / "demo.sh", "--max-steps", "2"], **env))
     meta = tmp_path / "demo" / "data" / "meta.json"
     prepared = meta.stat().st_mtime_ns

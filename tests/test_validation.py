@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ds_vrgd.optim import VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW
-from tests.ds_harness import _free_port, make_model, train_engine
+from tests.ds_harness import make_model, train_engine
+from tests.launching import free_port
 
 ALL = (VRSGD, VRAdam, VRAdamW, VRLARS, VRLAMB)
 ADAM_LIKE = (VRAdam, VRAdamW, VRLAMB)
@@ -85,7 +86,7 @@ def test_nesterov_message_names_momentum_and_dampening():
 def one_rank():
     """A 1-rank gloo group in this process (DeepSpeed's CPU accelerator), destroyed afterwards."""
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                                LOCAL_RANK="0", DS_ACCELERATOR="cpu").items():
             patch.setenv(key, value)
         import deepspeed
