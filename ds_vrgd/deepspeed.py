@@ -109,16 +109,19 @@ def build_optimizer(name: str, model_parameters: Any, params: Optional[dict]) ->
 
 
 def _reject_unsupported(engine: DeepSpeedEngine, optimizer: VROptimizer | type[VROptimizer]) -> None:
-    """ValueError listing the engine settings a VR optimizer cannot run under: ZeRO-3, ZeRO-Offload,
-    pipeline/model/sequence parallelism, fp16/bf16 at ZeRO stage 0 and, once DeepSpeed built its
+    """ValueError listing the engine settings a VR optimizer cannot run under: ZeRO-3, offload to NVMe
+    or partial offload, pipeline/model/sequence parallelism, fp16/bf16 at ZeRO stage 0 and, once DeepSpeed built its
     optimizer, a wrapper other than ZeRO 1/2. ``optimizer``: the VR optimizer, or its class when
     called before DeepSpeed built anything (all but the wrapper come from the config)."""
     name = optimizer.__name__ if isinstance(optimizer, type) else type(optimizer).__name__
     problems = []
     if engine.zero_optimization_stage() > 2:
         problems.append(f"zero_optimization.stage={engine.zero_optimization_stage()} (supported: 0, 1, 2)")
-    if engine.zero_cpu_offload():
-        problems.append("zero_optimization.offload_optimizer (ZeRO-Offload): remove it")
+    offload = engine.zero_offload_optimizer()
+    if offload is not None and offload.device != "none" and not engine.zero_cpu_offload():
+        problems.append(f"zero_optimization.offload_optimizer.device={offload.device.value} (supported: cpu, none)")
+    if engine.zero_cpu_offload() and engine.zero_partial_offload() != 1.0:
+        problems.append(f"zero_optimization.offload_optimizer.ratio={engine.zero_partial_offload()} (supported: 1.0)")
     if engine.pipeline_parallelism:
         problems.append("pipeline parallelism (PipelineModule): use plain data parallelism")
     if engine.mpu is not None or getattr(engine, "sequence_parallel_size", 1) > 1:

@@ -128,10 +128,11 @@ class PartitionedMoments:
         self.rank = dist.get_rank(process_group)
         owners = {id(s.owner): s.owner for layer in layers for s in layer.slices if s.owner is not None}
         fp32 = dict(dtype=torch.float32)
-        self._sq = {key: torch.zeros_like(owner, **fp32) for key, owner in owners.items() if capture}
-        self._sum = {key: torch.zeros_like(owner, **fp32) for key, owner in owners.items() if capture}
+        self._sq = {key: _state_buffer(owner) for key, owner in owners.items() if capture}
+        self._sum = {key: _state_buffer(owner) for key, owner in owners.items() if capture}
         total = sum(layer.param.numel() for layer in layers)
         device = layers[0].param.device if layers else torch.device("cpu")
+        self._comm_device = device  # collectives run where the parameters live (owners may be offloaded)
         size = max(2, min(bucket_numel // ROW, total)) if capture else 0
         self._halves = [torch.empty(rows, ROW, device=device, **fp32) for rows in (size - size // 2, size // 2)]
         self._filling = 0  # the half the hooks write into; the other may be in flight
@@ -282,7 +283,7 @@ class PartitionedMoments:
         """Add reduced bucket rows [k, (g^2, g)] into Q and S of their owners."""
         start = 0
         for piece in pieces:
-            rows = flat.narrow(0, start, piece.numel)
+            rows = flat.narrow(0, start, piece.numel).to(piece.owner.device)  # offload: one copy to the host
             for channel, buffers in enumerate((self._sq, self._sum)):
                 buffers[id(piece.owner)].view(-1).narrow(0, piece.owner_offset, piece.numel).add_(rows[:, channel])
             start += piece.numel
@@ -343,7 +344,17 @@ class PartitionedMoments:
         )
 
     def _all_reduce(self, tensor: Tensor) -> None:
-        dist.all_reduce(tensor, group=self.group)
+        """In-place sum over the group, through the parameters' device (the sums of offloaded owners are on the host)."""
+        work = tensor.to(self._comm_device)
+        dist.all_reduce(work, group=self.group)
+        if work is not tensor:
+            tensor.copy_(work)
+
+
+def _state_buffer(owner: Tensor) -> Tensor:
+    """A zero fp32 buffer like an owned tensor, where it lives (host memory under ZeRO-Offload, pinned if it is)."""
+    buffer = torch.zeros_like(owner, dtype=torch.float32)
+    return buffer.pin_memory() if owner.is_pinned() else buffer
 
 
 def _owned_parts(slices: tuple[OwnedSlice, ...], start: int, numel: int) -> list[OwnedSlice]:

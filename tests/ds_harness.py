@@ -54,6 +54,8 @@ def ds_config(case: dict) -> dict:
         "gradient_clipping": case.get("clip", 1.0),
         "steps_per_print": 10**9,
     }
+    if case.get("offload"):
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if case.get("monitor_dir"):
         config["csv_monitor"] = {"enabled": True, "output_path": case["monitor_dir"], "job_name": "vrgd"}
     precision = case.get("precision", "fp32")

@@ -37,7 +37,14 @@ SPECIAL_2 = {
     "big_bucket": dict(optimizer="VRLAMB", stage=2, gas=2, bucket=10**6),
     "vr_off": dict(optimizer="VRLAMB", stage=2, gas=2, params={"vr": False}),
     "monitor": dict(optimizer="VRSGD", stage=2, gas=2),
+    "checkpoint_offload": dict(optimizer="VRLAMB", stage=2, gas=2, steps=4, checkpoint=True, offload=True,
+                               params={"gsnr_ema": 0.5}),
+    "uninterrupted_offload": dict(optimizer="VRLAMB", stage=2, gas=2, steps=4, offload=True,
+                                  params={"gsnr_ema": 0.5}),
+    "bf16_offload": dict(optimizer="VRLAMB", stage=2, gas=2, precision="bf16", offload=True),
 }
+# ZeRO-Offload (offload_optimizer cpu): the VR step runs on the host copy of the fp32 partition
+OFFLOAD_2 = [dict(optimizer=o, stage=s, gas=2, clip=0.02, offload=True) for o in OPTIMIZERS for s in (1, 2)]
 FP16_2 = {
     "fp16": dict(optimizer="VRAdamW", stage=2, gas=2, precision="fp16", steps=4),
     "fp16_overflow": dict(optimizer="VRLAMB", stage=1, gas=2, precision="fp16", steps=8, scale_power=16),
@@ -45,13 +52,14 @@ FP16_2 = {
 
 
 def _name(case: dict) -> str:
-    return f"{case['optimizer']}-zero{case['stage']}-gas{case['gas']}-clip{case['clip']}"
+    offload = "-offload" if case.get("offload") else ""
+    return f"{case['optimizer']}-zero{case['stage']}-gas{case['gas']}-clip{case['clip']}{offload}"
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
     SPECIAL_2["monitor"]["monitor_dir"] = str(tmp_path_factory.mktemp("monitor"))
-    cases = EQUIVALENCE_2 + list(SPECIAL_2.values())
+    cases = EQUIVALENCE_2 + OFFLOAD_2 + list(SPECIAL_2.values())
     results = run_cases(2, cases)
     return dict(zip(map(id, cases), results))
 
@@ -80,6 +88,25 @@ def test_two_ranks_match_single_process_reference(world2, case):
     # n = 2: r = m^2/v is very sensitive where two samples nearly agree, and the Adam-type
     # trajectories differ at TOL level, so the unbounded mean GSNR gets a looser bound
     assert got["stats"]["gsnr_mean"] == pytest.approx(want["stats"]["gsnr_mean"], rel=1e-2)
+
+
+@pytest.mark.parametrize("case", OFFLOAD_2, ids=_name)
+def test_offload_matches_reference_and_the_device_run(world2, case):
+    """ZeRO-Offload equals the single-process reference and the same run without offload; the sums of
+    squares and of samples are the host partition's size."""
+    got, want = world2[id(case)], reference(case, 2)
+    on_device = world2[id(next(c for c in EQUIVALENCE_2 if c == {k: v for k, v in case.items() if k != "offload"}))]
+    assert got["stats"]["n"] == 4
+    assert max_param_diff(got["params"], want["params"]) < TOL
+    assert max_param_diff(got["params"], on_device["params"]) < TOL
+    assert got["buffers"]["sq"] == 2 * got["partition_numel"]
+
+
+def test_bf16_offload_matches_the_bf16_device_run(world2):
+    got, on_device = world2[id(SPECIAL_2["bf16_offload"])], world2[id(SPECIAL_2["bf16"])]
+    assert got["stats"]["n"] == 4
+    assert max_param_diff(got["params"], on_device["params"]) < 1e-6
+    assert max_param_diff(got["params"], reference(SPECIAL_2["bf16_offload"], 2)["params"]) < 1e-2
 
 
 @pytest.mark.parametrize("case", EQUIVALENCE_4, ids=_name)
@@ -157,7 +184,8 @@ def test_vr_false_is_the_base_optimizer_without_capture(world2):
     assert max_param_diff(got["params"], want["params"]) < TOL
 
 
-@pytest.mark.parametrize("pair", [("checkpoint", "uninterrupted"), ("checkpoint_stage1_sgd", "uninterrupted_stage1_sgd")])
+@pytest.mark.parametrize("pair", [("checkpoint", "uninterrupted"), ("checkpoint_stage1_sgd", "uninterrupted_stage1_sgd"),
+                                  ("checkpoint_offload", "uninterrupted_offload")])
 def test_checkpoint_resume_continues_the_same_trajectory(world2, pair):
     resumed, straight = (world2[id(SPECIAL_2[name])] for name in pair)
     assert resumed["steps"] == straight["steps"] == 4
