@@ -24,6 +24,8 @@ several times:
    few steps; and ``source.buffer_numel()``. tracemalloc is not used: torch's
    CPU allocations do not go through Python's allocator.
 3. scaling: {mini, small} x {2, 4 ranks}, VRLAMB vs LAMB only.
+4. ZeRO-Offload (``offload_optimizer: cpu``): BERT-mini, 2 and 4 ranks, VRLAMB
+   vs LAMB, with the host-side Q+S buffer size and the communication counters.
 
 The GSNR samples per step are n = ranks x gradient_accumulation_steps.
 Each rank uses cpu_count // ranks torch threads (4 ranks on 2 cores share them).
@@ -81,7 +83,8 @@ def ds_config(name: str, args) -> dict:
         "gradient_accumulation_steps": args.gas,
         "optimizer": json.loads(json.dumps(CONTENDERS[name])),
         "zero_optimization": {"stage": 2, "reduce_bucket_size": int(args.bucket),
-                              "allgather_bucket_size": int(args.bucket)},
+                              "allgather_bucket_size": int(args.bucket),
+                              **({"offload_optimizer": {"device": "cpu"}} if args.offload else {})},
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -271,10 +274,10 @@ def summarise_time(res: dict) -> dict:
                 "elements_per_step": quantiles(elements),
                 "bytes_per_step": 4 * quantiles(elements)["median"],
                 "collectives_per_step": quantiles(collectives),
-                "expected_elements_per_step": r["numel"] * gas,
-                "expected_bytes_per_step": 4 * r["numel"] * gas,
-                "note": "payload of the squared-gradient reduce calls (fp32), per rank, the counter of "
-                        "this rank's collectives; the gradient reduction of ZeRO-2 moves the same payload",
+                "expected_elements_per_step": 2 * r["numel"] * gas,
+                "expected_bytes_per_step": 8 * r["numel"] * gas,
+                "note": "payload of the (g^2, g) reduce calls (fp32), per rank, the counter of this rank's "
+                        "collectives; the gradient reduction of ZeRO-2 moves half that payload in fp32",
             }
         for key in ("partition_numel", "buffer_numel", "gsnr_n"):
             if key in e:
@@ -324,6 +327,19 @@ def driver(args) -> None:
                                            "VRLAMB_step_s": t["engines"]["VRLAMB"]["step_s"],
                                            "VRLAMB_over_LAMB": t["engines"]["VRLAMB"]["over_LAMB"],
                                            "comm": t["engines"]["VRLAMB"].get("comm")})
+        # 4. ZeRO-Offload (optimizer state and step on the host), VRLAMB vs LAMB
+        results["offload"] = []
+        for world in (2, 4):
+            res = launch(world, ["--preset", "mini", "--repeats", str(args.scaling_repeats), "--offload",
+                                 "--contenders", "VRLAMB,LAMB"] + common, log)
+            t = summarise_time(res)
+            results["offload"].append({"preset": "mini", "world": world, "numel": t["numel"], "n": world * args.gas,
+                                       "LAMB_step_s": t["engines"]["LAMB"]["step_s"],
+                                       "VRLAMB_step_s": t["engines"]["VRLAMB"]["step_s"],
+                                       "VRLAMB_over_LAMB": t["engines"]["VRLAMB"]["over_LAMB"],
+                                       "comm": t["engines"]["VRLAMB"].get("comm"),
+                                       "buffer_numel": t["engines"]["VRLAMB"].get("buffer_numel"),
+                                       "partition_numel": t["engines"]["VRLAMB"].get("partition_numel")})
     out = os.path.join(HERE, "results", "zero2_step.json")
     write_json(out, results)
     report(results)
@@ -349,7 +365,7 @@ def report(results: dict) -> None:
         print(f"\nVR communication per step (rank 0's collectives): {c['elements_per_step']['median']:.0f} elements = "
               f"{c['bytes_per_step'] / 2**20:.1f} MiB in {c['collectives_per_step']['median']:.0f} collectives; "
               f"expected {c['expected_elements_per_step']} elements = {c['expected_bytes_per_step'] / 2**20:.1f} MiB "
-              f"(model numel x 4 B x {s['gas']} micro-steps)")
+              f"(model numel x (g^2, g) x 4 B x {s['gas']} micro-steps)")
     rows = []
     for name, m in results["memory"].items():
         for i, rank in enumerate(m["per_rank"]):
@@ -359,13 +375,23 @@ def report(results: dict) -> None:
                          f"{rank['end_delta_MiB']:.1f}", rank["partition_numel"], expected])
     print()
     print(table(["optimizer", "rank", "RSS after init MiB", "peak RSS MiB", "RSS at end MiB", "partition numel",
-                 "VR buffers (Q+bucket) MiB"], rows,
+                 "VR buffers (Q+S+bucket) MiB"], rows,
                 "Memory per rank: RSS growth from just before deepspeed.initialize (VmRSS/VmHWM)"))
     rows = [[x["preset"], f"{x['numel'] / 1e6:.1f}M", x["world"], x["n"], fmt_q(x["LAMB_step_s"], 1e3, 0),
              fmt_q(x["VRLAMB_step_s"], 1e3, 0), fmt_q(x["VRLAMB_over_LAMB"])] for x in results["scaling"]]
     print()
     print(table(["preset", "params", "ranks", "n", "LAMB step ms", "VRLAMB step ms", "VRLAMB / LAMB (paired)"], rows,
                 "Scaling of the VR overhead (median [IQR])"))
+    rows = [[x["world"], x["n"], fmt_q(x["LAMB_step_s"], 1e3, 0), fmt_q(x["VRLAMB_step_s"], 1e3, 0),
+             fmt_q(x["VRLAMB_over_LAMB"]), x["partition_numel"],
+             "" if not x["buffer_numel"] else x["buffer_numel"]["sq"],
+             "" if not x["comm"] else f"{x['comm']['elements_per_step']['median']:.0f} / "
+                                      f"{x['comm']['expected_elements_per_step']}"]
+            for x in results.get("offload", [])]
+    print()
+    print(table(["ranks", "n", "LAMB step ms", "VRLAMB step ms", "VRLAMB / LAMB (paired)", "partition numel",
+                 "Q+S numel (host)", "elements per step / expected"], rows,
+                "ZeRO-2 with ZeRO-Offload, BERT-mini (median [IQR])"))
 
 
 def main() -> None:
@@ -383,6 +409,7 @@ def main() -> None:
     parser.add_argument("--scaling-presets", default="mini,small")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--offload", action="store_true", help="(worker) offload_optimizer to the CPU")
     parser.add_argument("--out", default=None)
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
