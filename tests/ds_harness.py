@@ -12,11 +12,10 @@ definition the distributed run must reproduce.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 
-from tests.launching import spawn
+from tests.launching import spawn_results
 
 MICRO_BATCH = 4
 LR = 0.01
@@ -134,9 +133,7 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str, f
 
 def run_cases(world: int, cases: list[dict], fp16_on_cpu: bool = False) -> list[dict]:
     """Train every case on ``world`` spawned gloo ranks; rank 0's results, one per case."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        spawn(_worker, world, lambda port: (world, port, cases, out_dir, fp16_on_cpu))
-        return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
+    return spawn_results(_worker, world, lambda port, out_dir: (world, port, cases, out_dir, fp16_on_cpu))
 
 
 def reference(case: dict, world: int, applied: list[int] | None = None) -> dict:
@@ -199,6 +196,4 @@ def _config_worker(rank: int, world: int, port: int, configs: list[dict], out_di
 
 def initialize_configs(configs: list[dict], world: int = 1) -> list[dict]:
     """Outcome of deepspeed.initialize + one step for each raw ds_config (see _config_worker)."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        spawn(_config_worker, world, lambda port: (world, port, configs, out_dir))
-        return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
+    return spawn_results(_config_worker, world, lambda port, out_dir: (world, port, configs, out_dir))

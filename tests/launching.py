@@ -10,11 +10,14 @@ is run once more, with a warning in the test report; a second abort, or any othe
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import tempfile
 import warnings
 from typing import Callable
 
+import torch
 import torch.multiprocessing as mp
 
 TEARDOWN_ABORT = "terminate called without an active exception"
@@ -36,6 +39,14 @@ def spawn(worker: Callable, nprocs: int, args_for_port: Callable[[int], tuple]) 
             if attempt == 2 or error.signal_name != "SIGABRT":
                 raise
             warnings.warn(f"a spawned rank aborted ({error}); known gloo teardown abort, running the ranks again")
+
+
+def spawn_results(worker: Callable, nprocs: int, args_for: Callable[[int, str], tuple]):
+    """:func:`spawn` with ``args_for(port, out_dir)`` in a temporary directory; returns the object that the
+    ranks saved to ``out_dir/results.pt`` (rank 0, by convention)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        spawn(worker, nprocs, lambda port: args_for(port, out_dir))
+        return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
 
 
 def run(command: list, **kwargs) -> subprocess.CompletedProcess:

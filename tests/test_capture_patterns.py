@@ -17,7 +17,6 @@ with reentrant gradient checkpointing.
 """
 
 import os
-import tempfile
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tests.ds_harness import micro_batch
 from tests.reference import ReferenceVR
-from tests.launching import spawn
+from tests.launching import spawn_results
 
 KIND, HYPER = "VRSGD", dict(lr=0.1, momentum=0.9, gamma=0.5)
 STEPS = 3
@@ -349,9 +348,7 @@ def _ddp_unfrozen_later(rank) -> str:
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    with tempfile.TemporaryDirectory() as out_dir:
-        spawn(_ddp_worker, WORLD, lambda port: (port, out_dir))
-        return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
+    return spawn_results(_ddp_worker, WORLD, lambda port, out_dir: (port, out_dir))
 
 
 @pytest.mark.slow
@@ -439,9 +436,7 @@ def _ds_worker(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def ds_results():
-    with tempfile.TemporaryDirectory() as out_dir:
-        spawn(_ds_worker, WORLD, lambda port: (port, out_dir))
-        return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
+    return spawn_results(_ds_worker, WORLD, lambda port, out_dir: (port, out_dir))
 
 
 @pytest.mark.slow

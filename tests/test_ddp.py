@@ -1,14 +1,13 @@
 """The DDP communication hook: 2 gloo ranks equal the single-process reference."""
 
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests.ds_harness import loss_of, make_model, max_param_diff, micro_batch, reference
-from tests.launching import spawn
+from tests.launching import spawn_results
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +55,7 @@ def _worker(rank, world, port, out_dir):
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as out_dir:
-        spawn(_worker, 2, lambda port: (2, port, out_dir))
-        return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
+    return spawn_results(_worker, 2, lambda port, out_dir: (2, port, out_dir))
 
 
 def _id(case):

@@ -65,7 +65,10 @@ def test_bad_hyperparameter_names_itself(outcomes):
 
 def test_unsupported_settings_are_named(outcomes):
     assert "zero_optimization.stage=3" in outcomes["stage3"]["error"]
-    assert "offload_optimizer" in outcomes["offload"]["error"]
+
+
+def test_offload_to_the_host_is_accepted_from_the_config(outcomes):
+    assert outcomes["offload"].get("type") == "VRLAMB", outcomes["offload"]
 
 
 def test_one_sample_per_step_warns_and_falls_back(outcomes):
