@@ -32,9 +32,11 @@ import torch.distributed as dist
 from packaging.version import Version
 
 import deepspeed
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.zero import utils as zero_utils
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import logger
 
@@ -109,33 +111,46 @@ def build_optimizer(name: str, model_parameters: Any, params: Optional[dict]) ->
 
 
 def _reject_unsupported(engine: DeepSpeedEngine, optimizer: VROptimizer | type[VROptimizer]) -> None:
-    """ValueError listing the engine settings a VR optimizer cannot run under: ZeRO-3, offload to NVMe
-    or partial offload, pipeline/model/sequence parallelism, fp16/bf16 at ZeRO stage 0 and, once DeepSpeed built its
-    optimizer, a wrapper other than ZeRO 1/2. ``optimizer``: the VR optimizer, or its class when
-    called before DeepSpeed built anything (all but the wrapper come from the config)."""
+    """ValueError listing the engine settings a VR optimizer cannot run under (each with what is
+    supported) and, once DeepSpeed built its optimizer, a wrapper other than ZeRO 1/2/3.
+    ``optimizer``: the VR optimizer, or its class when called before DeepSpeed built anything."""
     name = optimizer.__name__ if isinstance(optimizer, type) else type(optimizer).__name__
-    problems = []
-    if engine.zero_optimization_stage() > 2:
-        problems.append(f"zero_optimization.stage={engine.zero_optimization_stage()} (supported: 0, 1, 2)")
-    offload = engine.zero_offload_optimizer()
-    if offload is not None and offload.device != "none" and not engine.zero_cpu_offload():
-        problems.append(f"zero_optimization.offload_optimizer.device={offload.device.value} (supported: cpu, none)")
-    if engine.zero_cpu_offload() and engine.zero_partial_offload() != 1.0:
-        problems.append(f"zero_optimization.offload_optimizer.ratio={engine.zero_partial_offload()} (supported: 1.0)")
-    if engine.pipeline_parallelism:
-        problems.append("pipeline parallelism (PipelineModule): use plain data parallelism")
-    if engine.mpu is not None or getattr(engine, "sequence_parallel_size", 1) > 1:
-        problems.append("model or sequence parallelism: use plain data parallelism")
-    if engine.zero_optimization_stage() == 0 and (engine.fp16_enabled() or engine.bfloat16_enabled()):
-        problems.append(
-            "fp16/bf16 needs ZeRO stage 1 or 2 with a VR optimizer: set zero_optimization.stage to 1 or 2 (or use fp32)"
-        )
+    problems = [problem for problem in _config_problems(engine) if problem]
     wrapper = engine.optimizer
-    if not problems and wrapper is not None and not isinstance(wrapper, (DeepSpeedZeroOptimizer, VROptimizer)):
-        problems.append(f"DeepSpeed's optimizer wrapper {type(wrapper).__name__} (supported: ZeRO stages 0-2 in fp32, "
-                        "1-2 in fp16/bf16)")
+    supported = (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, VROptimizer)
+    if not problems and wrapper is not None and not isinstance(wrapper, supported):
+        problems.append(f"DeepSpeed's optimizer wrapper {type(wrapper).__name__} (supported: ZeRO stages 0-3 in fp32, "
+                        "1-3 in fp16/bf16)")
     if problems:
         raise ValueError(f"{name} cannot run with this DeepSpeed config: " + "; ".join(problems))
+
+
+def _config_problems(engine: DeepSpeedEngine) -> list[Optional[str]]:
+    """One message per unsupported setting (None where the setting is fine)."""
+    stage, zero = engine.zero_optimization_stage(), engine._config.zero_config
+
+    def device(offload) -> str:
+        return "none" if offload is None else getattr(offload.device, "value", offload.device)  # enum or str
+
+    return [
+        (device(engine.zero_offload_optimizer()) not in ("none", "cpu")
+         and f"zero_optimization.offload_optimizer.device={device(engine.zero_offload_optimizer())} (supported: cpu)"),
+        (device(engine.zero_offload_param()) not in ("none", "cpu")
+         and f"zero_optimization.offload_param.device={device(engine.zero_offload_param())} (supported: cpu)"),
+        (engine.zero_cpu_offload() and engine.zero_partial_offload() != 1.0
+         and f"zero_optimization.offload_optimizer.ratio={engine.zero_partial_offload()} (supported: 1.0)"),
+        engine.super_offload() and "zero_optimization.offload_optimizer.super_offload (unsupported)",
+        zero.zenflow is not None and "zero_optimization.zenflow (unsupported)",
+        (engine.zero_hpz_partition_size() > 1
+         and f"zero_optimization.zero_hpz_partition_size={engine.zero_hpz_partition_size()} (ZeRO++ hpZ; supported: 1)"),
+        (engine.zero_quantized_weights() or engine.zero_quantized_gradients())
+        and "zero_optimization.zero_quantized_weights/zero_quantized_gradients (ZeRO++ qwZ/qgZ; unsupported)",
+        engine.pipeline_parallelism and "pipeline parallelism (PipelineModule): use plain data parallelism",
+        ((engine.mpu is not None or getattr(engine, "sequence_parallel_size", 1) > 1)
+         and "model or sequence parallelism: use plain data parallelism"),
+        (stage == 0 and (engine.fp16_enabled() or engine.bfloat16_enabled())
+         and "fp16/bf16 needs ZeRO stage 1, 2 or 3 with a VR optimizer: set zero_optimization.stage (or use fp32)"),
+    ]
 
 
 # ----------------------------------------------------------------- layout
@@ -161,14 +176,35 @@ def _zero_layers(zero: DeepSpeedZeroOptimizer, names: dict[int, str]) -> list[La
                 if first < last:
                     mine = owner if r == rank else None
                     slices.append(OwnedSlice(r, first - offset, last - first, mine, first - low))
-            layers.append(Layer(names.get(id(param), f"group{group}.param{len(layers)}"), param, tuple(slices)))
+            name = names.get(id(param), f"group{group}.param{len(layers)}")
+            layers.append(Layer(name, param, tuple(slices), param.numel(), param.ndim))
+    return layers
+
+
+def _zero3_layers(zero: DeepSpeedZeroOptimizer_Stage3, names: dict[int, str]) -> list[Layer]:
+    """Layers of a ZeRO-3 optimizer. A parameter lies in one fp32 sub-group; rank r holds elements
+    [r * ps, (r + 1) * ps) of the flattened parameter (ps = ``partition_numel()``, the last rank's
+    slice padded), at ``grad_position[param id][1]`` of its sub-group's flat fp32 partition."""
+    layers = []
+    for sub_group, params in enumerate(zero.fp16_groups):
+        group = zero._get_sub_group_process_group(sub_group)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        owner = zero.fp32_partitioned_groups_flat[sub_group]
+        for param in params:
+            _, offset, size = zero.grad_position[zero.get_param_id(param)]
+            slices = tuple(
+                OwnedSlice(r, r * size, min(size, param.ds_numel - r * size), owner if r == rank else None, offset)
+                for r in range(world) if r * size < param.ds_numel
+            )
+            name = names.get(id(param), f"subgroup{sub_group}.param{len(layers)}")
+            layers.append(Layer(name, param, slices, param.ds_numel, len(param.ds_shape)))
     return layers
 
 
 def _replicated_layers(optimizer: VROptimizer, names: dict[int, str]) -> list[Layer]:
     """Layers without ZeRO: every rank owns every parameter whole."""
     return [
-        Layer(names.get(id(p), f"param_{i}"), p, (OwnedSlice(REPLICATED, 0, p.numel(), p, 0),))
+        Layer(names.get(id(p), f"param_{i}"), p, (OwnedSlice(REPLICATED, 0, p.numel(), p, 0),), p.numel(), p.ndim)
         for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])
     ]
 
@@ -205,13 +241,18 @@ def attach(engine: DeepSpeedEngine) -> None:
     """Connect the engine's VR optimizer to the ZeRO partitions (see module docstring)."""
     optimizer: VROptimizer = engine.basic_optimizer
     _reject_unsupported(engine, optimizer)
-    names = _names(engine)
-    zero = engine.optimizer if isinstance(engine.optimizer, DeepSpeedZeroOptimizer) else None
-    layers = _zero_layers(zero, names) if zero is not None else _replicated_layers(optimizer, names)
-    bucket = int(engine.zero_reduce_bucket_size()) if zero is not None else int(5e8)
+    names, wrapper = _names(engine), engine.optimizer
+    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        layers = _zero3_layers(wrapper, names)
+    elif isinstance(wrapper, DeepSpeedZeroOptimizer):
+        layers = _zero_layers(wrapper, names)
+    else:
+        layers = _replicated_layers(optimizer, names)
+    bucket = int(engine.zero_reduce_bucket_size()) if engine.zero_optimization() else int(5e8)
     capture = any(group["vr"] for group in optimizer.param_groups)
     local_grad = None if engine.zero_optimization_partition_gradients() else _local_grad
-    source = PartitionedMoments(layers, _data_parallel_group(), bucket, capture, local_grad=local_grad)
+    device = torch.device(get_accelerator().current_device_name())
+    source = PartitionedMoments(layers, _data_parallel_group(), bucket, device, capture, local_grad=local_grad)
     optimizer.use_moments(source, layout=source)
     engine.backward = _one_micro_step(source, engine.backward)
     optimizer.micro_batch_size = engine.train_micro_batch_size_per_gpu()

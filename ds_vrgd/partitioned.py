@@ -92,11 +92,17 @@ class OwnedSlice:
 
 @dataclass(frozen=True)
 class Layer:
-    """One model parameter: its name, shape facts and where its elements are owned."""
+    """One model parameter: its name, where its elements are owned, and its full size.
+
+    ``numel``/``ndim`` are those of the whole parameter (under ZeRO-3 ``param`` itself is an
+    empty placeholder outside forward/backward).
+    """
 
     name: str
     param: Tensor
     slices: tuple[OwnedSlice, ...]
+    numel: int
+    ndim: int
 
 
 @dataclass(frozen=True)
@@ -113,12 +119,14 @@ class PartitionedMoments:
     """Moment source and piece layout for data parallelism (see module docstring)."""
 
     def __init__(
-        self, layers: list[Layer], process_group, bucket_numel: int, capture: bool = True,
+        self, layers: list[Layer], process_group, bucket_numel: int, comm_device: torch.device, capture: bool = True,
         local_grad: Optional[Callable[[Tensor], Optional[Tensor]]] = None,
     ):
         """``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off.
 
         ``bucket_numel``: fp32 elements of the bucket (both halves, (g^2, g) rows).
+        ``comm_device``: where the bucket lives and collectives run (the accelerator; under
+        offload the owners and their Q, S are on the host).
         ``local_grad(param)``: this rank's gradient of param accumulated so far in the step (None if
         none), where the engine keeps it; given, a weight may receive several gradients per micro-step.
         """
@@ -130,9 +138,8 @@ class PartitionedMoments:
         fp32 = dict(dtype=torch.float32)
         self._sq = {key: _state_buffer(owner) for key, owner in owners.items() if capture}
         self._sum = {key: _state_buffer(owner) for key, owner in owners.items() if capture}
-        total = sum(layer.param.numel() for layer in layers)
-        device = layers[0].param.device if layers else torch.device("cpu")
-        self._comm_device = device  # collectives run where the parameters live (owners may be offloaded)
+        total = sum(layer.numel for layer in layers)
+        device = self._comm_device = comm_device
         size = max(2, min(bucket_numel // ROW, total)) if capture else 0
         self._halves = [torch.empty(rows, ROW, device=device, **fp32) for rows in (size - size // 2, size // 2)]
         self._filling = 0  # the half the hooks write into; the other may be in flight
@@ -337,8 +344,8 @@ class PartitionedMoments:
         replicated = all(s.rank == REPLICATED for layer in self.layers for s in layer.slices)
         return gsnr.LayerTable(
             piece_layer=[piece.layer for piece in pieces],
-            layer_numel=[layer.param.numel() for layer in self.layers],
-            layer_ndim=[layer.param.ndim for layer in self.layers],
+            layer_numel=[layer.numel for layer in self.layers],
+            layer_ndim=[layer.ndim for layer in self.layers],
             layer_names=[layer.name for layer in self.layers],
             reduce=None if replicated else self._all_reduce,
         )

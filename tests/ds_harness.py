@@ -55,6 +55,12 @@ def ds_config(case: dict) -> dict:
     }
     if case.get("offload"):
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if case.get("offload_param"):
+        config["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    if case.get("stage") == 3:  # several fp32 sub-groups, every parameter partitioned
+        config["zero_optimization"].update(sub_group_size=case.get("sub_group_size", 60),
+                                           stage3_param_persistence_threshold=0,
+                                           stage3_gather_16bit_weights_on_model_save=True)
     if case.get("monitor_dir"):
         config["csv_monitor"] = {"enabled": True, "output_path": case["monitor_dir"], "job_name": "vrgd"}
     precision = case.get("precision", "fp32")
@@ -82,15 +88,22 @@ def train_engine(engine, case: dict, rank: int, first_step: int = 0) -> list[int
 
 
 def _result(engine, applied: list[int]) -> dict:
+    import deepspeed
+
     optimizer = engine.vr_optimizer
     source = optimizer._moments
+    params = {}
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):  # ZeRO-3: the whole parameter (else a no-op)
+            params[name] = param.detach().float().clone()
+    owners = {id(s.owner): s.owner for layer in source.layers for s in layer.slices if s.owner is not None}
     return {
         "applied": applied,
-        "params": {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()},
+        "params": params,
         "stats": optimizer.gsnr_stats(),
         "comm": dict(source.comm),
         "buffers": source.buffer_numel(),
-        "partition_numel": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+        "partition_numel": sum(owner.numel() for owner in owners.values()),
         "skipped": engine.skipped_steps,
         "steps": max((int(s["step"].item()) for s in optimizer.state.values() if "step" in s), default=0),
     }
@@ -104,7 +117,6 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str, f
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    import ds_vrgd
 
     if fp16_on_cpu:
         # DeepSpeed's CPU accelerator refuses fp16 although torch computes it on CPU;
@@ -113,22 +125,54 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str, f
     deepspeed.init_distributed(dist_backend="gloo")
     results = []
     for case in cases:
-        model = make_model()
-        engine, _, _, _ = ds_vrgd.initialize(model=model, model_parameters=model.parameters(), config=ds_config(case))
+        engine = _engine(case)
         if case.get("checkpoint"):
             train_engine(engine, dict(case, steps=case["steps"] // 2), rank)
             engine.save_checkpoint(os.path.join(out_dir, "ckpt"), tag="half")
-            model = make_model()
-            engine, _, _, _ = ds_vrgd.initialize(model=model, model_parameters=model.parameters(), config=ds_config(case))
+            engine = _engine(case)
             engine.load_checkpoint(os.path.join(out_dir, "ckpt"), tag="half")
             rest = dict(case, steps=case["steps"] - case["steps"] // 2)
             applied = list(range(case["steps"] // 2)) + train_engine(engine, rest, rank, case["steps"] // 2)
         else:
             applied = train_engine(engine, case, rank)
         results.append(_result(engine, applied))
+        if case.get("export"):
+            results[-1]["exported"] = _export(engine, os.path.join(out_dir, f"export{len(results)}"))
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
     deepspeed.comm.destroy_process_group()
+
+
+def _export(engine, directory: str) -> dict:
+    """The trained weights as users get them: DeepSpeed's zero_to_fp32 from a checkpoint, and
+    ``save_16bit_model`` (gathered at ZeRO-3 with stage3_gather_16bit_weights_on_model_save)."""
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    engine.save_checkpoint(directory, tag="final")
+    engine.save_16bit_model(os.path.join(directory, "16bit"))
+    deepspeed.comm.barrier()
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(directory, tag="final")
+    model16 = torch.load(os.path.join(directory, "16bit", "pytorch_model.bin"), weights_only=False)
+    return {"zero_to_fp32": {k: v.float() for k, v in fp32.items()}, "16bit": {k: v.float() for k, v in model16.items()}}
+
+
+def _engine(case: dict):
+    """A fresh engine for a case: the model built under ``deepspeed.zero.Init`` with ``zero_init`` (as HF
+    Trainer does at ZeRO-3), in two param groups (weights, biases) with ``two_groups``."""
+    import deepspeed
+
+    import ds_vrgd
+
+    config = ds_config(case)
+    with deepspeed.zero.Init(config_dict_or_path=config, enabled=bool(case.get("zero_init"))):
+        model = make_model()
+    params = model.parameters()
+    if case.get("two_groups"):
+        named = list(model.named_parameters())
+        params = [{"params": [p for n, p in named if n.endswith(suffix)]} for suffix in ("weight", "bias")]
+    engine, _, _, _ = ds_vrgd.initialize(model=model, model_parameters=params, config=config)
+    return engine
 
 
 def run_cases(world: int, cases: list[dict], fp16_on_cpu: bool = False) -> list[dict]:

@@ -29,6 +29,8 @@ CONFIGS = {
     "auto_betas": config({"type": "VRLAMB", "params": {"lr": 1e-3, "betas": "auto", "eps": "auto"}}),
     "bad_gamma": config({"type": "VRLARS", "params": {"lr": 1e-3, "gamma": -1}}),
     "stage3": config({"type": "VRLAMB", "params": {"lr": 1e-3}}, zero_optimization={"stage": 3}),
+    "quantized_weights": config({"type": "VRLAMB", "params": {"lr": 1e-3}},
+                                zero_optimization={"stage": 3, "zero_quantized_weights": True}),
     "offload": config({"type": "VRLAMB", "params": {"lr": 1e-3}},
                       zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
     "one_sample": config({"type": "VRAdam", "params": {"lr": 1e-3}}, gradient_accumulation_steps=1),
@@ -64,11 +66,12 @@ def test_bad_hyperparameter_names_itself(outcomes):
 
 
 def test_unsupported_settings_are_named(outcomes):
-    assert "zero_optimization.stage=3" in outcomes["stage3"]["error"]
+    assert "zero_quantized_weights" in outcomes["quantized_weights"]["error"]
 
 
-def test_offload_to_the_host_is_accepted_from_the_config(outcomes):
-    assert outcomes["offload"].get("type") == "VRLAMB", outcomes["offload"]
+@pytest.mark.parametrize("name", ["offload", "stage3"])
+def test_offload_and_stage3_are_accepted_from_the_config(outcomes, name):
+    assert outcomes[name].get("type") == "VRLAMB", outcomes[name]
 
 
 def test_one_sample_per_step_warns_and_falls_back(outcomes):

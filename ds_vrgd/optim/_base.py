@@ -487,8 +487,8 @@ class VROptimizer(Optimizer):
                 block.update = None
 
     def _reduce_device(self) -> torch.device:
-        """Where the per-layer sums live: the device of the parameters (the collective's device)."""
-        return self.param_groups[0]["params"][0].device
+        """Where the per-layer sums live: the device of the parameters (DeepSpeed's ZeRO-3 fills one group at a time)."""
+        return next((group["params"][0].device for group in self.param_groups if group["params"]), torch.device("cpu"))
 
     def _advance_steps(self, g: GroupStep) -> None:
         for param in g.group["params"]:
