@@ -1,4 +1,5 @@
-"""HF Trainer with a ds_config naming VRLAMB ("auto" values), both ways users start it, 2 CPU ranks."""
+"""HF Trainer with a ds_config naming VRLAMB ("auto" values), both ways users start it, 2 CPU ranks,
+at ZeRO-2 and at ZeRO-3 (with and without offload; the model built inside deepspeed.zero.Init)."""
 
 import json
 import math
@@ -36,8 +37,10 @@ def test_trainer_deepspeed_argument_under_deepspeed_launcher(tmp_path):
     _check(json.loads(out.read_text()))
 
 
-def test_trainer_under_accelerate_launch_with_deepspeed_config_file(tmp_path):
+@pytest.mark.parametrize("config", ["hf_auto_zero2_vrlamb.json", "hf_auto_zero3_vrlamb.json",
+                                    "hf_auto_zero3_offload_vrlamb.json"])
+def test_trainer_under_accelerate_launch_with_deepspeed_config_file(tmp_path, config):
     out = tmp_path / "result.json"
-    run(accelerate_launch("--use_deepspeed", "--deepspeed_config_file",
-                          os.path.join(REPO, "ds_configs", "hf_auto_zero2_vrlamb.json"), SCRIPT, str(out)))
+    run(accelerate_launch("--use_deepspeed", "--deepspeed_config_file", os.path.join(REPO, "ds_configs", config),
+                          SCRIPT, str(out)))
     _check(json.loads(out.read_text()))

@@ -421,3 +421,20 @@ def test_demo_script_runs_and_reruns(tmp_path):
     assert (summary["optimizer"], summary["zero_stage"], summary["world_size"], summary["steps"]) == ("VRLAMB", 2, 2,
                                                                                                       3)
     assert summary["global_batch_size"] == 64 and summary["seq_len"] == 128 and summary["model"] == "tiny"
+
+
+@pytest.mark.slow
+def test_zero3_and_offload_configs_train_the_zero2_trajectory(tmp_path, seq32):
+    """The BERT trainer with the CPU demo's ZeRO-3 and ZeRO-2 + Offload configs: the same per-step losses as
+    its ZeRO-2 config (same data, seed and VR samples), checkpoints and the summary included."""
+    losses = {}
+    for base in ("cpu_demo_zero2_vrlamb.json", "cpu_demo_zero3_vrlamb.json", "cpu_demo_zero2_offload_vrlamb.json"):
+        config = small_config(tmp_path / base, base=base, max_seq_len=32, steps=4)
+        output = tmp_path / base.removesuffix(".json")
+        succeeded(run(deepspeed(*args(seq32, config, output, "--checkpoint-every", "2", "--eval-batches", "2"))))
+        summary = summary_of(output)
+        assert summary["gsnr"]["gsnr_n"] == 4 and summary["final_train_loss"] < summary["initial_train_loss"]
+        losses[base] = [r["loss"] for r in report.read_records(output) if r["event"] == "train"]
+    stage2 = losses.pop("cpu_demo_zero2_vrlamb.json")
+    for base, trajectory in losses.items():
+        assert trajectory == pytest.approx(stage2, rel=1e-5), base

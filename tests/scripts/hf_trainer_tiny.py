@@ -1,7 +1,8 @@
 """HF Trainer on a tiny random BERT with a DeepSpeed config naming VRLAMB ("auto" values).
 
 Run under `deepspeed` (config passed as TrainingArguments(deepspeed=...), --via-args)
-or under `accelerate launch --use_deepspeed --deepspeed_config_file ...`.
+or under `accelerate launch --use_deepspeed --deepspeed_config_file ...` (any ZeRO stage;
+at stage 3 the model is built inside deepspeed.zero.Init).
 ``ds_vrgd.hf.add_gsnr`` puts the GSNR statistics into the Trainer's logs.
 Rank 0 writes a JSON result to argv[1].
 """
@@ -11,7 +12,7 @@ import os
 import sys
 
 import torch
-from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
+from transformers import AutoModelForMaskedLM, BertConfig, Trainer, TrainingArguments
 
 import ds_vrgd.hf  # imports ds_vrgd: the VR types are registered with DeepSpeed
 
@@ -30,13 +31,15 @@ class RandomMLM(torch.utils.data.Dataset):
 
 
 def main(out: str, via_args: bool) -> None:
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=64))
     args = TrainingArguments(output_dir=os.path.join(os.path.dirname(out), "trainer"), per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, max_steps=8, learning_rate=2e-3, weight_decay=0.01,
                              adam_beta2=0.98, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                              deepspeed=CONFIG if via_args else None)
+    # after TrainingArguments, as users do: under a ZeRO-3 config from_config builds the model inside
+    # deepspeed.zero.Init, so its parameters are partitioned from the start
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_config(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=64))
     trainer = Trainer(model=model, args=args, train_dataset=RandomMLM())
     ds_vrgd.hf.add_gsnr(trainer)
     trainer.train()
