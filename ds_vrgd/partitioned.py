@@ -295,6 +295,11 @@ class PartitionedMoments:
                 buffers[id(piece.owner)].view(-1).narrow(0, piece.owner_offset, piece.numel).add_(rows[:, channel])
             start += piece.numel
 
+    def owned_numel(self) -> int:
+        """Elements of the tensors this rank's optimizer updates (its partition: all sub-groups, offloaded or not)."""
+        owners = {id(s.owner): s.owner for layer in self.layers for s in layer.slices if s.owner is not None}
+        return sum(owner.numel() for owner in owners.values())
+
     def buffer_numel(self) -> dict:
         """Extra fp32 elements held: the Q and S buffers and the reduction bucket."""
         held = sum(b.numel() for b in self._sq.values()) + sum(b.numel() for b in self._sum.values())

@@ -96,14 +96,13 @@ def _result(engine, applied: list[int]) -> dict:
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):  # ZeRO-3: the whole parameter (else a no-op)
             params[name] = param.detach().float().clone()
-    owners = {id(s.owner): s.owner for layer in source.layers for s in layer.slices if s.owner is not None}
     return {
         "applied": applied,
         "params": params,
         "stats": optimizer.gsnr_stats(),
         "comm": dict(source.comm),
         "buffers": source.buffer_numel(),
-        "partition_numel": sum(owner.numel() for owner in owners.values()),
+        "partition_numel": source.owned_numel(),
         "skipped": engine.skipped_steps,
         "steps": max((int(s["step"].item()) for s in optimizer.state.values() if "step" in s), default=0),
     }
