@@ -23,6 +23,7 @@ the ZeRO 1/2 optimizer and the parameters' ``grad_accum`` (ZeRO 1).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 from typing import Any, Callable, Optional
@@ -146,8 +147,10 @@ def _config_problems(engine: DeepSpeedEngine) -> list[Optional[str]]:
         (engine.zero_quantized_weights() or engine.zero_quantized_gradients())
         and "zero_optimization.zero_quantized_weights/zero_quantized_gradients (ZeRO++ qwZ/qgZ; unsupported)",
         engine.pipeline_parallelism and "pipeline parallelism (PipelineModule): use plain data parallelism",
-        ((engine.mpu is not None or getattr(engine, "sequence_parallel_size", 1) > 1)
-         and "model or sequence parallelism: use plain data parallelism"),
+        (getattr(engine, "sequence_parallel_size", 1) > 1
+         and "sequence parallelism (supported: data and Megatron-style tensor parallelism)"),
+        (engine.mpu is not None and stage == 3
+         and "ZeRO-3 with a model-parallel mpu (supported with tensor parallelism: stages 0-2)"),
         (stage == 0 and (engine.fp16_enabled() or engine.bfloat16_enabled())
          and "fp16/bf16 needs ZeRO stage 1, 2 or 3 with a VR optimizer: set zero_optimization.stage (or use fp32)"),
     ]
@@ -201,6 +204,13 @@ def _zero3_layers(zero: DeepSpeedZeroOptimizer_Stage3, names: dict[int, str]) ->
     return layers
 
 
+def _whole_layer(layer: Layer, tensor_parallel_size: int) -> Layer:
+    """A layer as a whole: a tensor-parallel shard is one of ``tensor_parallel_size`` equal shards."""
+    if not _is_sharded(layer.param):
+        return layer
+    return dataclasses.replace(layer, numel=layer.numel * tensor_parallel_size, sharded=True)
+
+
 def _replicated_layers(optimizer: VROptimizer, names: dict[int, str]) -> list[Layer]:
     """Layers without ZeRO: every rank owns every parameter whole."""
     return [
@@ -209,9 +219,30 @@ def _replicated_layers(optimizer: VROptimizer, names: dict[int, str]) -> list[La
     ]
 
 
-def _data_parallel_group():
-    """A process group of its own over all ranks (pure data parallelism; see _reject_unsupported)."""
-    return dist.new_group(ranks=list(range(dist.get_world_size())))
+def _own_group(group=None):
+    """A process group of our own over the ranks of ``group`` (None: all ranks), so that our collectives never
+    interleave with the engine's on one communicator. Collective: every rank calls it, each with its group."""
+    if group is None:
+        return dist.new_group(ranks=list(range(dist.get_world_size())))
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, dist.get_process_group_ranks(group))
+    mine, _ = dist.new_subgroups_by_enumeration(sorted({tuple(ranks) for ranks in every}))
+    return mine
+
+
+def _parallel_groups(engine: DeepSpeedEngine) -> tuple:
+    """(data-parallel group, tensor-parallel group or None) of our own: the samples come from the
+    data-parallel ranks; the tensor-parallel ranks of one replica see the same data (Megatron mpu)."""
+    mpu = engine.mpu
+    if mpu is None:
+        return _own_group(), None
+    tensor_group = getattr(mpu, "get_tensor_model_parallel_group", mpu.get_model_parallel_group)()
+    return _own_group(mpu.get_data_parallel_group()), _own_group(tensor_group)
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    """Megatron's mark of a tensor-parallel shard (DeepSpeed's gradient-norm code reads it too)."""
+    return bool(getattr(param, "tensor_model_parallel", False))
 
 
 # ------------------------------------------------------------ attachment
@@ -252,7 +283,11 @@ def attach(engine: DeepSpeedEngine) -> None:
     capture = any(group["vr"] for group in optimizer.param_groups)
     local_grad = None if engine.zero_optimization_partition_gradients() else _local_grad
     device = torch.device(get_accelerator().current_device_name())
-    source = PartitionedMoments(layers, _data_parallel_group(), bucket, device, capture, local_grad=local_grad)
+    data_group, tensor_group = _parallel_groups(engine)
+    if tensor_group is not None:
+        layers = [_whole_layer(layer, dist.get_world_size(tensor_group)) for layer in layers]
+    source = PartitionedMoments(layers, data_group, bucket, device, capture, local_grad=local_grad,
+                                tensor_parallel_group=tensor_group)
     optimizer.use_moments(source, layout=source)
     engine.backward = _one_micro_step(source, engine.backward)
     optimizer.micro_batch_size = engine.train_micro_batch_size_per_gpu()

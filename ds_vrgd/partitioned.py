@@ -94,8 +94,9 @@ class OwnedSlice:
 class Layer:
     """One model parameter: its name, where its elements are owned, and its full size.
 
-    ``numel``/``ndim`` are those of the whole parameter (under ZeRO-3 ``param`` itself is an
-    empty placeholder outside forward/backward).
+    ``numel``/``ndim`` are those of the whole layer (under ZeRO-3 ``param`` itself is an
+    empty placeholder outside forward/backward; a ``sharded`` layer is split over the
+    tensor-parallel group, whose ranks hold one shard each and see the same samples).
     """
 
     name: str
@@ -103,6 +104,7 @@ class Layer:
     slices: tuple[OwnedSlice, ...]
     numel: int
     ndim: int
+    sharded: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,18 +122,22 @@ class PartitionedMoments:
 
     def __init__(
         self, layers: list[Layer], process_group, bucket_numel: int, comm_device: torch.device, capture: bool = True,
-        local_grad: Optional[Callable[[Tensor], Optional[Tensor]]] = None,
+        local_grad: Optional[Callable[[Tensor], Optional[Tensor]]] = None, tensor_parallel_group=None,
     ):
         """``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off.
 
         ``bucket_numel``: fp32 elements of the bucket (both halves, (g^2, g) rows).
         ``comm_device``: where the bucket lives and collectives run (the accelerator; under
         offload the owners and their Q, S are on the host).
+        ``tensor_parallel_group``: the ranks holding the other shards of ``sharded`` layers (their
+        per-layer sums add up over it); None without tensor parallelism.
         ``local_grad(param)``: this rank's gradient of param accumulated so far in the step (None if
         none), where the engine keeps it; given, a weight may receive several gradients per micro-step.
         """
         self.layers = layers
         self.group = process_group
+        self._tensor_parallel = tensor_parallel_group
+        self._sharded = [i for i, layer in enumerate(layers) if layer.sharded]
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         owners = {id(s.owner): s.owner for layer in layers for s in layer.slices if s.owner is not None}
@@ -346,7 +352,7 @@ class PartitionedMoments:
         ]
 
     def table(self, pieces: list[Piece]) -> gsnr.LayerTable:
-        replicated = all(s.rank == REPLICATED for layer in self.layers for s in layer.slices)
+        replicated = all(s.rank == REPLICATED for layer in self.layers for s in layer.slices) and not self._sharded
         return gsnr.LayerTable(
             piece_layer=[piece.layer for piece in pieces],
             layer_numel=[layer.numel for layer in self.layers],
@@ -356,9 +362,16 @@ class PartitionedMoments:
         )
 
     def _all_reduce(self, tensor: Tensor) -> None:
-        """In-place sum over the group, through the parameters' device (the sums of offloaded owners are on the host)."""
+        """Per-layer sums [K, L] in place: over the data-parallel group (partitions), then the sharded
+        layers' columns over the tensor-parallel group (replicated layers are counted once), through
+        the communication device (the sums of offloaded owners are on the host)."""
         work = tensor.to(self._comm_device)
-        dist.all_reduce(work, group=self.group)
+        if any(s.rank != REPLICATED for layer in self.layers for s in layer.slices):
+            dist.all_reduce(work, group=self.group)
+        if self._sharded and self._tensor_parallel is not None:
+            columns = work[:, self._sharded]  # a copy: advanced indexing
+            dist.all_reduce(columns, group=self._tensor_parallel)
+            work[:, self._sharded] = columns
         if work is not tensor:
             tensor.copy_(work)
 
