@@ -36,6 +36,8 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe import schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.zero import utils as zero_utils
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -146,7 +148,9 @@ def _config_problems(engine: DeepSpeedEngine) -> list[Optional[str]]:
          and f"zero_optimization.zero_hpz_partition_size={engine.zero_hpz_partition_size()} (ZeRO++ hpZ; supported: 1)"),
         (engine.zero_quantized_weights() or engine.zero_quantized_gradients())
         and "zero_optimization.zero_quantized_weights/zero_quantized_gradients (ZeRO++ qwZ/qgZ; unsupported)",
-        engine.pipeline_parallelism and "pipeline parallelism (PipelineModule): use plain data parallelism",
+        (engine.pipeline_parallelism and getattr(engine.module, "tied_comms", None)
+         and f"weights tied across pipeline stages ({', '.join(engine.module.tied_comms)}): a stage sees only its "
+             "part of their gradient samples; untie them or use one stage"),
         (getattr(engine, "sequence_parallel_size", 1) > 1
          and "sequence parallelism (supported: data and Megatron-style tensor parallelism)"),
         (engine.mpu is not None and stage == 3
@@ -256,7 +260,8 @@ def _local_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _one_micro_step(source: PartitionedMoments, backward: Callable) -> Callable:
-    """Wrap ``engine.backward``: each call is one micro-step of the source, whatever autograd runs inside."""
+    """Wrap ``engine.backward`` (or a pipeline engine's backward-pass instruction): each call is one
+    micro-step of the source, whatever autograd runs inside."""
 
     @functools.wraps(backward)
     def backward_micro_step(*args, **kwargs):
@@ -289,7 +294,12 @@ def attach(engine: DeepSpeedEngine) -> None:
     source = PartitionedMoments(layers, data_group, bucket, device, capture, local_grad=local_grad,
                                 tensor_parallel_group=tensor_group)
     optimizer.use_moments(source, layout=source)
-    engine.backward = _one_micro_step(source, engine.backward)
+    if isinstance(engine, PipelineEngine):  # train_batch() runs one BackwardPass instruction per micro-batch
+        backward_pass = type(engine)._INSTRUCTION_MAP[schedule.BackwardPass]
+        engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP,
+                                   schedule.BackwardPass: _one_micro_step(source, backward_pass)}
+    else:
+        engine.backward = _one_micro_step(source, engine.backward)
     optimizer.micro_batch_size = engine.train_micro_batch_size_per_gpu()
 
     take_model_step = engine._take_model_step
