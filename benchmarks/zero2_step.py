@@ -248,8 +248,8 @@ def launch(world: int, worker_args: list[str], log) -> dict:
     proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     print(f"  ({time.time() - t0:.0f} s, exit {proc.returncode})", flush=True)
     if proc.returncode != 0:
-        # gloo sometimes aborts a rank at interpreter exit after the work is done (README, DeepSpeed
-        # section): keep the result that rank 0 wrote, and say so
+        # gloo sometimes aborts a rank at interpreter exit after the work is done (docs/deepspeed.md,
+        # "Ending a training script"): keep the result that rank 0 wrote, and say so
         if os.path.getsize(out) == 0:
             raise SystemExit(f"launch failed (exit {proc.returncode}); see the log")
         print("  (a rank aborted at exit after writing the result: gloo teardown abort; result kept)", flush=True)
