@@ -2,10 +2,13 @@
 
 ``from ds_vrgd.optim import VRLAMB`` gives the optimizers (:mod:`ds_vrgd.optim`).
 ``import ds_vrgd`` also registers VRSGD, VRAdam, VRAdamW, VRLARS and VRLAMB as
-ds_config optimizer types: at once if DeepSpeed is already imported, else
-right after DeepSpeed is first imported (so plain-PyTorch users do not pay
-for importing DeepSpeed). ``ds_vrgd.initialize`` is a drop-in for
-``deepspeed.initialize``.
+ds_config optimizer types (:func:`ds_vrgd.deepspeed.register`): at once if
+DeepSpeed is already imported, else right after DeepSpeed is first imported,
+by an import hook (a ``sys.meta_path`` finder). The hook stays because it lets
+``import ds_vrgd`` come before or after ``import deepspeed`` (Trainer,
+accelerate and launch scripts import DeepSpeed when they choose) without
+importing DeepSpeed eagerly (plain-PyTorch users do not pay for it).
+``ds_vrgd.initialize`` is a drop-in for ``deepspeed.initialize``.
 """
 
 import importlib.abc
@@ -35,7 +38,7 @@ def _register() -> None:
 
 
 class _RegisterAfterDeepSpeedImport(importlib.abc.MetaPathFinder):
-    """Import hook: run :func:`_register` once ``import deepspeed`` has executed.
+    """The import hook of the module docstring: run :func:`_register` once ``import deepspeed`` has executed.
 
     ``find_spec`` may also be called without an import (``importlib.util.find_spec``
     availability checks, as transformers does), so the hook stays installed until

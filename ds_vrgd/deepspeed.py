@@ -1,6 +1,6 @@
 """DeepSpeed adapter: the only module that touches DeepSpeed internals.
 
-* Registration (:func:`register`, run by ``import ds_vrgd``): a ds_config may
+* Registration (:func:`register`; when it runs: :mod:`ds_vrgd`): a ds_config may
   name ``"optimizer": {"type": "VRLAMB", "params": {...}}`` (VRSGD, VRAdam,
   VRAdamW, VRLARS, VRLAMB; any case, surrounding spaces ignored) and plain
   ``deepspeed.initialize`` builds it; the types count as ZeRO-supported, so
@@ -13,12 +13,9 @@
   dropped after every optimizer step (applied or skipped for fp16 overflow),
   and GSNR statistics go to the engine's monitor.
 
-Patched DeepSpeed internals (0.19.8 <= version < 0.20, checked at import):
-``DeepSpeedEngine._configure_basic_optimizer``, ``._is_supported_optimizer``,
-``._configure_optimizer``, ``._take_model_step``, ``.backward`` (one call is
-one micro-step, i.e. one sample per rank), the attributes ``round_robin_bit16_groups``, ``round_robin_bit16_offsets``,
-``parallel_partitioned_bit16_groups``, ``single_partition_of_fp32_groups`` of
-the ZeRO 1/2 optimizer and the parameters' ``grad_accum`` (ZeRO 1).
+Every DeepSpeed internal patched or read is in :data:`DEEPSPEED_INTERNALS`,
+checked at import by :func:`check_internals`, as is the version
+(:data:`SUPPORTED_DEEPSPEED`, :func:`check_version`).
 """
 
 from __future__ import annotations
@@ -26,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
+import re
 from typing import Any, Callable, Optional
 
 import torch
@@ -34,25 +33,64 @@ from packaging.version import Version
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
-from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe.module import PipelineModule
+from deepspeed.runtime.zero import partition_parameters, stage_1_and_2
 from deepspeed.runtime.zero import utils as zero_utils
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import logger
 
 from ds_vrgd.gsnr import LOG_FIELDS
-from ds_vrgd.optim import VRAdam, VRAdamW, VRLAMB, VRLARS, VROptimizer, VRSGD
+from ds_vrgd.optim import VR_OPTIMIZERS, VROptimizer
 from ds_vrgd.partitioned import REPLICATED, Layer, OwnedSlice, PartitionedMoments
 
 SUPPORTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))
-VR_OPTIMIZERS: dict[str, type[VROptimizer]] = {
-    cls.__name__.lower(): cls for cls in (VRSGD, VRAdam, VRAdamW, VRLARS, VRLAMB)
-}
 MONITOR_PREFIX = "Train/Samples/"
 
+ATTRIBUTE, ASSIGNED = "attribute", "assigned"
+DEEPSPEED_INTERNALS = (
+    (DeepSpeedEngine, "_configure_basic_optimizer", ("self", "model_parameters")),  # replaced by register()
+    (DeepSpeedEngine, "_is_supported_optimizer", ("self", "optimizer_name")),  # replaced by register()
+    (DeepSpeedEngine, "_configure_optimizer", ("self", "client_optimizer", "model_parameters")),  # replaced
+    (DeepSpeedEngine, "_take_model_step", ("self", "lr_kwargs")),  # wrapped by attach(): samples dropped after it
+    # wrapped by attach(): one call is one micro-step, i.e. one sample per rank (the arguments are passed
+    # through; DeepSpeed's nvtx decorator hides their names)
+    (DeepSpeedEngine, "backward", ("args", "kwargs")),
+    (DeepSpeedEngine, "optimizer_name optimizer_params zero_optimization zero_optimization_stage "
+                      "zero_optimization_partition_gradients zero_reduce_bucket_size zero_offload_optimizer "
+                      "zero_offload_param zero_cpu_offload zero_partial_offload super_offload zero_hpz_partition_size "
+                      "zero_quantized_weights zero_quantized_gradients fp16_enabled bfloat16_enabled "
+                      "train_micro_batch_size_per_gpu", ("self",)),
+    (DeepSpeedEngine, "optimizer basic_optimizer mpu pipeline_parallelism sequence_parallel_size _config "
+                      "_step_applied global_samples monitor", ASSIGNED),
+    (DeepSpeedConfig, "zero_config", ASSIGNED),
+    (DeepSpeedZeroConfig, "zenflow", ATTRIBUTE),
+    (PipelineModule, "tied_comms", ASSIGNED),
+    (PipelineEngine, "_INSTRUCTION_MAP", ATTRIBUTE),  # its BackwardPass entry is wrapped like backward
+    (schedule, "BackwardPass", ATTRIBUTE),
+    (zero_utils, "ZERO_SUPPORTED_OPTIMIZERS", ATTRIBUTE),  # extended by register()
+    (DeepSpeedZeroOptimizer, "round_robin_bit16_groups round_robin_bit16_offsets parallel_partitioned_bit16_groups "
+                             "single_partition_of_fp32_groups real_dp_process_group", ASSIGNED),
+    (stage_1_and_2, "grad_accum", ASSIGNED),  # ZeRO 1 accumulates the gradient there
+    (DeepSpeedZeroOptimizer_Stage3, "fp16_groups fp32_partitioned_groups_flat grad_position", ASSIGNED),
+    (DeepSpeedZeroOptimizer_Stage3, "get_param_id", ("self", "param")),
+    (DeepSpeedZeroOptimizer_Stage3, "_get_sub_group_process_group", ("self", "sub_group_id")),
+    (partition_parameters, "ds_numel ds_shape", ASSIGNED),
+)
+"""The DeepSpeed internals ds_vrgd patches or reads, as (owner, space-separated names, kind); kind is
+a method's parameter names, ATTRIBUTE (of the class or module itself) or ASSIGNED (set on instances at
+run time; with a module as owner, set by that module on parameters). Checked by :func:`check_internals`;
+a name imported above fails the import by itself."""
+
+
+def _supported() -> str:
+    low, high = SUPPORTED_DEEPSPEED
+    return f"deepspeed>={low},<{high}"
 
 
 def check_version(version: str = deepspeed.__version__) -> None:
@@ -60,25 +98,70 @@ def check_version(version: str = deepspeed.__version__) -> None:
     low, high = SUPPORTED_DEEPSPEED
     if not low <= Version(Version(version).base_version) < high:
         raise ImportError(
-            f"ds_vrgd supports deepspeed>={low},<{high} (it patches engine internals); found {version}. "
-            f"Install a supported version: pip install 'deepspeed>={low},<{high}'"
+            f"ds_vrgd supports {_supported()} (it patches engine internals); found {version}. "
+            f"Install a supported version: pip install '{_supported()}'"
+        )
+
+
+def _source(owner: Any) -> str:
+    """A module's source, or that of a class's methods as they are now (unwrapped: the functions
+    :func:`register` installs count as the DeepSpeed ones they wrap)."""
+    if inspect.ismodule(owner):
+        return inspect.getsource(owner)
+    return "\n".join(inspect.getsource(inspect.unwrap(f)) for f in vars(owner).values() if inspect.isfunction(f))
+
+
+def _problem(owner: Any, name: str, kind: Any, source: str) -> Optional[str]:
+    """What is wrong with one internal (``source``: the owner's, for ASSIGNED), or None."""
+    if kind == ASSIGNED:  # `<object>.<name> = ...` or `<object>.<name>: T = ...`
+        return None if re.search(rf"\.{re.escape(name)}\b\s*(?::[^=\n]*)?=(?!=)", source) else "never assigned"
+    if kind == ATTRIBUTE:  # a pydantic config field is no class attribute
+        return None if hasattr(owner, name) or name in getattr(owner, "model_fields", {}) else "missing"
+    method = getattr(owner, name, None)
+    if not callable(method):
+        return "missing method"
+    found = tuple(inspect.signature(method).parameters)
+    return None if found == kind else f"parameters {found}, expected {kind}"
+
+
+def check_internals() -> None:
+    """Raise ImportError naming every entry of :data:`DEEPSPEED_INTERNALS` the installed DeepSpeed lacks.
+
+    A method must exist with exactly the listed parameter names (``inspect.signature``, which sees
+    through the ``functools.wraps`` of :func:`register`); an ATTRIBUTE must exist on its class or
+    module. An ASSIGNED attribute has no value before DeepSpeed builds an object, so its check is
+    textual: the class's methods (``__init__`` and the rest) or the module must assign it. That
+    catches a rename or removal, not an assignment moved to a path that no longer runs.
+    """
+    problems = []
+    for owner, names, kind in DEEPSPEED_INTERNALS:
+        source = _source(owner) if kind == ASSIGNED else ""
+        problems += [f"{getattr(owner, '__qualname__', owner.__name__)}.{name}: {problem}"
+                     for name in names.split() if (problem := _problem(owner, name, kind, source))]
+    if problems:
+        raise ImportError(
+            f"ds_vrgd supports {_supported()}, but the installed deepspeed {deepspeed.__version__} lacks internals "
+            f"it relies on: {'; '.join(problems)}"
         )
 
 
 check_version()
+check_internals()
 
 
 # ------------------------------------------------------------ construction
 def vr_optimizer_class(name: Any) -> Optional[type[VROptimizer]]:
     """The VR optimizer a ds_config ``optimizer.type`` names (any case, surrounding whitespace
     ignored), or None for anything else."""
-    return VR_OPTIMIZERS.get(name.strip().lower()) if isinstance(name, str) else None
+    if not isinstance(name, str):
+        return None
+    return next((cls for vr_name, cls in VR_OPTIMIZERS.items() if vr_name.lower() == name.strip().lower()), None)
 
 
 def unknown_optimizer_type(name: Any) -> ValueError:
     """The error for an optimizer type that is neither a VR type nor one DeepSpeed knows: it quotes
     the name, lists the VR and DeepSpeed types and suggests a close one."""
-    vr_names = [cls.__name__ for cls in VR_OPTIMIZERS.values()]
+    vr_names = list(VR_OPTIMIZERS)
     known = {n.lower(): n for n in vr_names + DEEPSPEED_OPTIMIZERS}
     close = difflib.get_close_matches(str(name).strip().lower(), list(known), n=1)
     hint = f"; did you mean {known[close[0]]!r}?" if close else ""
@@ -387,4 +470,4 @@ def initialize(*args, **kwargs):
     return deepspeed.initialize(*args, **kwargs)
 
 
-register()  # importing the adapter is asking for it (and may be what imported DeepSpeed)
+register()  # importing the adapter is asking for it (see ds_vrgd's docstring)

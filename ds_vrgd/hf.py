@@ -37,7 +37,7 @@ from transformers import Trainer, TrainerCallback
 
 from ds_vrgd.ddp import enable_gsnr
 from ds_vrgd.gsnr import LOG_FIELDS
-from ds_vrgd.optim import VROptimizer
+from ds_vrgd.optim import VR_OPTIMIZERS, VROptimizer
 
 LOG_KEYS = LOG_FIELDS
 """Log key -> key of :meth:`VROptimizer.gsnr_stats` (the names DeepSpeed's monitor uses too)."""
@@ -119,12 +119,11 @@ def check_optimizer_choice(trainer: Trainer) -> None:
             "pass optimizer_cls_and_kwargs=(VRLAMB, {...})"
         )
     if named is not None:
-        from ds_vrgd.deepspeed import VR_OPTIMIZERS, vr_optimizer_class
+        from ds_vrgd.deepspeed import vr_optimizer_class
 
         if vr_optimizer_class(named) is None:
-            names = ", ".join(cls.__name__ for cls in VR_OPTIMIZERS.values())
-            raise ValueError(f"{PREFIX}the DeepSpeed config names optimizer {named!r}, not a VR type ({names}); "
-                             f"{HOW_TO_CHOOSE}")
+            raise ValueError(f"{PREFIX}the DeepSpeed config names optimizer {named!r}, not a VR type "
+                             f"({', '.join(VR_OPTIMIZERS)}); {HOW_TO_CHOOSE}")
         return
     if trainer.is_deepspeed_enabled and trainer.optimizer is not None:
         raise ValueError(

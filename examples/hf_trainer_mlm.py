@@ -33,12 +33,11 @@ from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 import ds_vrgd.hf  # imports ds_vrgd, which registers the VR types with DeepSpeed
-from ds_vrgd import optim
+from ds_vrgd.optim import VR_OPTIMIZERS
 from ds_vrgd.pretrain.corpus import stdlib_docstrings, text_file_documents
 from ds_vrgd.pretrain.data import load_tokenizer, pack_sequences, split_documents, train_tokenizer
 from ds_vrgd.pretrain.models import build_bert_mlm
 
-VR_OPTIMIZERS = ("VRSGD", "VRAdam", "VRAdamW", "VRLARS", "VRLAMB")
 HELDOUT_FRACTION = 0.05
 
 
@@ -125,7 +124,7 @@ def build_trainer(cli: argparse.Namespace) -> Trainer:
     trainer = Trainer(
         model=model, args=args, train_dataset=train, eval_dataset=heldout, processing_class=tokenizer,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
-        optimizer_cls_and_kwargs=(getattr(optim, name), {"lr": cli.lr, "gamma": cli.gamma}) if name else None,
+        optimizer_cls_and_kwargs=(VR_OPTIMIZERS[name], {"lr": cli.lr, "gamma": cli.gamma}) if name else None,
     )
     ds_vrgd.hf.add_gsnr(trainer)
     return trainer

@@ -17,10 +17,8 @@ import json
 import torch
 from sklearn.datasets import load_digits
 
-from ds_vrgd import optim
+from ds_vrgd.optim import VR_OPTIMIZERS
 
-OPTIMIZERS = {"VRSGD": optim.VRSGD, "VRAdam": optim.VRAdam, "VRAdamW": optim.VRAdamW,
-              "VRLARS": optim.VRLARS, "VRLAMB": optim.VRLAMB}
 DEFAULT_LR = {"VRSGD": 0.2, "VRAdam": 3e-3, "VRAdamW": 3e-3, "VRLARS": 2.0, "VRLAMB": 1e-2}
 
 
@@ -38,7 +36,7 @@ def train(name: str, vr: bool, args) -> dict:
     torch.manual_seed(args.seed)
     (x, y), (x_test, y_test) = digits(args.seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    opt = OPTIMIZERS[name](model.parameters(), lr=args.lr or DEFAULT_LR[name], gamma=args.gamma, vr=vr)
+    opt = VR_OPTIMIZERS[name](model.parameters(), lr=args.lr or DEFAULT_LR[name], gamma=args.gamma, vr=vr)
     generator = torch.Generator().manual_seed(args.seed)
     for _ in range(args.steps):
         batch = torch.randperm(len(y), generator=generator)[: args.batch_size]
@@ -57,7 +55,7 @@ def train(name: str, vr: bool, args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="VRLAMB")
+    parser.add_argument("--optimizer", choices=sorted(VR_OPTIMIZERS), default="VRLAMB")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--micro-batches", type=int, default=8, help="backward passes (GSNR samples) per step")

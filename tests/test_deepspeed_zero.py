@@ -13,20 +13,20 @@ import os
 
 import pytest
 
+from ds_vrgd.optim import VR_OPTIMIZERS
 from tests.ds_harness import max_param_diff, reference, run_cases
 
 pytestmark = pytest.mark.slow
 
 # fp32 tolerance: Adam-type updates amplify rounding of near-zero gradients up to ~1e-3 lr
 TOL = 1e-5
-OPTIMIZERS = ["VRSGD", "VRAdam", "VRAdamW", "VRLARS", "VRLAMB"]
 EQUIVALENCE_2 = [
     dict(optimizer=o, stage=s, gas=g, clip=c)
-    for o in OPTIMIZERS
+    for o in VR_OPTIMIZERS
     for s in (0, 1, 2)
     for g, c in ((1, 1.0), (2, 0.02))
 ]
-EQUIVALENCE_4 = [dict(optimizer=o, stage=s, gas=2, clip=0.02) for o in OPTIMIZERS for s in (0, 1, 2)]
+EQUIVALENCE_4 = [dict(optimizer=o, stage=s, gas=2, clip=0.02) for o in VR_OPTIMIZERS for s in (0, 1, 2)]
 SPECIAL_2 = {
     "bf16": dict(optimizer="VRLAMB", stage=2, gas=2, precision="bf16"),
     "checkpoint": dict(optimizer="VRLAMB", stage=2, gas=2, steps=4, checkpoint=True, params={"gsnr_ema": 0.5}),
@@ -44,7 +44,7 @@ SPECIAL_2 = {
     "bf16_offload": dict(optimizer="VRLAMB", stage=2, gas=2, precision="bf16", offload=True),
 }
 # ZeRO-Offload (offload_optimizer cpu): the VR step runs on the host copy of the fp32 partition
-OFFLOAD_2 = [dict(optimizer=o, stage=s, gas=2, clip=0.02, offload=True) for o in OPTIMIZERS for s in (1, 2)]
+OFFLOAD_2 = [dict(optimizer=o, stage=s, gas=2, clip=0.02, offload=True) for o in VR_OPTIMIZERS for s in (1, 2)]
 FP16_2 = {
     "fp16": dict(optimizer="VRAdamW", stage=2, gas=2, precision="fp16", steps=4),
     "fp16_overflow": dict(optimizer="VRLAMB", stage=1, gas=2, precision="fp16", steps=8, scale_power=16),

@@ -8,14 +8,14 @@ reference from the same per-micro-batch gradients (tests/ds_harness.py) and the 
 
 import pytest
 
+from ds_vrgd.optim import VR_OPTIMIZERS
 from tests.ds_harness import make_model, max_param_diff, reference, run_cases
 
 pytestmark = pytest.mark.slow
 
 TOL = 1e-5
-OPTIMIZERS = ["VRSGD", "VRAdam", "VRAdamW", "VRLARS", "VRLAMB"]
-STAGE3_2 = [dict(optimizer=o, stage=3, gas=g, clip=c) for o in OPTIMIZERS for g, c in ((1, 1.0), (2, 0.02))]
-STAGE3_4 = [dict(optimizer=o, stage=3, gas=2, clip=0.02) for o in OPTIMIZERS]
+STAGE3_2 = [dict(optimizer=o, stage=3, gas=g, clip=c) for o in VR_OPTIMIZERS for g, c in ((1, 1.0), (2, 0.02))]
+STAGE3_4 = [dict(optimizer=o, stage=3, gas=2, clip=0.02) for o in VR_OPTIMIZERS]
 SPECIAL = {
     "stage2": dict(optimizer="VRLAMB", stage=2, gas=2, clip=0.02),
     "zero_init": dict(optimizer="VRLAMB", stage=3, gas=2, clip=0.02, zero_init=True),

@@ -12,10 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ds_vrgd.gsnr import rho_from_moments
-from ds_vrgd.optim import VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW
+from ds_vrgd.optim import VR_OPTIMIZERS, VRSGD
 from tests.reference import BASE_DEFAULTS, VR_DEFAULTS, Problem, rho_from_moments_ref, run_impl, run_reference, stats_ref
 
-OPTS = {"VRSGD": VRSGD, "VRAdam": VRAdam, "VRAdamW": VRAdamW, "VRLARS": VRLARS, "VRLAMB": VRLAMB}
 # One representative configuration per optimizer, with state worth checkpointing.
 CFG = {
     "VRSGD": dict(lr=0.05, momentum=0.9, weight_decay=0.01),
@@ -24,7 +23,7 @@ CFG = {
     "VRLARS": dict(lr=0.1, trust_coefficient=0.5, weight_decay=0.01),
     "VRLAMB": dict(lr=0.02),
 }
-NAMES = list(OPTS)
+NAMES = list(VR_OPTIMIZERS)
 HYP = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -199,7 +198,7 @@ def _default(opt, cls, key):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_constructor_defaults(name):
-    cls = OPTS[name]
+    cls = VR_OPTIMIZERS[name]
     opt = cls([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1)
     expected = {**BASE_DEFAULTS[name], **VR_DEFAULTS}
     expected.pop("lr", None)
@@ -247,14 +246,14 @@ INVALID = [
 def test_invalid_hyperparameters_raise_valueerror_naming_them(name, kw, key):
     args = dict(lr=0.1, **kw) if "lr" not in kw else dict(kw)
     with pytest.raises(ValueError) as info:
-        OPTS[name](_p(), **args)
+        VR_OPTIMIZERS[name](_p(), **args)
     assert key in str(info.value), f"message does not name {key!r}: {info.value}"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_kwarg_is_valueerror_listing_valid_keys(name):
     with pytest.raises(ValueError) as info:
-        OPTS[name](_p(), lr=0.1, gamma_typo=0.3)
+        VR_OPTIMIZERS[name](_p(), lr=0.1, gamma_typo=0.3)
     msg = str(info.value)
     assert "gamma_typo" in msg
     for valid in ("lr", "gamma", "eps_gsnr", "gsnr_warmup_steps", "gsnr_ema", "vr"):
@@ -270,7 +269,7 @@ def test_unknown_kwarg_is_valueerror_listing_valid_keys(name):
 def test_single_sample_falls_back_with_exactly_one_warning(name):
     problem = Problem("direct", n=1, steps=4, seed=1)
     params = problem.make_params()
-    opt = OPTS[name](params, **CFG[name])
+    opt = VR_OPTIMIZERS[name](params, **CFG[name])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for t in range(problem.steps):
@@ -279,7 +278,7 @@ def test_single_sample_falls_back_with_exactly_one_warning(name):
             opt.zero_grad()
     user = [w for w in caught if issubclass(w.category, UserWarning)]
     assert len(user) == 1, [str(w.message) for w in user]
-    base, _ = _quiet_run(problem, OPTS[name], vr=False, **CFG[name])
+    base, _ = _quiet_run(problem, VR_OPTIMIZERS[name], vr=False, **CFG[name])
     _close(params, base, rtol=1e-6, atol=1e-7)
 
 
@@ -289,7 +288,7 @@ def test_zero_grad_starts_a_new_sample_collection(name, set_to_none):
     """Backward calls before zero_grad() are not samples of the next step."""
     problem = Problem("direct", n=3, steps=3, seed=2)
     params = problem.make_params()
-    opt = OPTS[name](params, gamma=0.5, **CFG[name])
+    opt = VR_OPTIMIZERS[name](params, gamma=0.5, **CFG[name])
     for t in range(problem.steps):
         for i in range(problem.n):  # a discarded pass (e.g. an evaluation backward)
             problem.loss(params, (t + 1) % problem.steps, i).backward()
@@ -319,7 +318,7 @@ def test_user_rescale_of_grad_keeps_rho(name, factors):
     """p.grad rescaled between backward and step: the update uses the rescaled grad,
     rho the GSNR of the samples (unchanged by any per-tensor uniform rescale)."""
     problem = Problem("direct", n=3, steps=4, seed=3)
-    params, _ = run_impl(problem, OPTS[name], before_step=_grad_rescaler(factors), gamma=0.5, **CFG[name])
+    params, _ = run_impl(problem, VR_OPTIMIZERS[name], before_step=_grad_rescaler(factors), gamma=0.5, **CFG[name])
     ref = run_reference(problem, name, grad_transform=lambda gs: [g * f for g, f in zip(gs, factors)],
                         gamma=0.5, **CFG[name])
     _close(params, ref.params)
@@ -329,9 +328,9 @@ def test_user_rescale_of_grad_keeps_rho(name, factors):
 def test_loss_scale_then_unscale_is_invariant(name):
     """loss * 1024 backward, then p.grad /= 1024 (manual GradScaler) == plain run."""
     problem = Problem("model", n=3, steps=4, seed=4)
-    plain, _ = run_impl(problem, OPTS[name], gamma=0.5, **CFG[name])
+    plain, _ = run_impl(problem, VR_OPTIMIZERS[name], gamma=0.5, **CFG[name])
     params = problem.make_params()
-    opt = OPTS[name](params, gamma=0.5, **CFG[name])
+    opt = VR_OPTIMIZERS[name](params, gamma=0.5, **CFG[name])
     for t in range(problem.steps):
         for i in range(problem.n):
             (problem.loss(params, t, i) * 1024.0).backward()
@@ -346,9 +345,9 @@ def test_loss_scale_then_unscale_is_invariant(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_grad_scaler_cpu(name):
     problem = Problem("model", n=3, steps=4, seed=5)
-    plain, _ = run_impl(problem, OPTS[name], gamma=0.5, **CFG[name])
+    plain, _ = run_impl(problem, VR_OPTIMIZERS[name], gamma=0.5, **CFG[name])
     params = problem.make_params()
-    opt = OPTS[name](params, gamma=0.5, **CFG[name])
+    opt = VR_OPTIMIZERS[name](params, gamma=0.5, **CFG[name])
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
     for t in range(problem.steps):
         for i in range(problem.n):
@@ -372,7 +371,7 @@ def test_clip_grad_norm_keeps_rho(name):
         total = math.sqrt(sum((g * g).sum().item() for g in gs))
         return [g * (max_norm / (total + 1e-6)) for g in gs]
 
-    params, _ = run_impl(problem, OPTS[name], before_step=clip, gamma=0.5, **CFG[name])
+    params, _ = run_impl(problem, VR_OPTIMIZERS[name], before_step=clip, gamma=0.5, **CFG[name])
     ref = run_reference(problem, name, grad_transform=clip_ref, gamma=0.5, **CFG[name])
     _close(params, ref.params)
 
@@ -408,7 +407,7 @@ def test_non_finite_gradient_skips_the_step(name, how):
     problem = Problem("direct", n=3, steps=4, seed=7)
     hyper = dict(gamma=0.5, gsnr_ema=0.5, **CFG[name])
     params = problem.make_params()
-    opt = OPTS[name](params, **hyper)
+    opt = VR_OPTIMIZERS[name](params, **hyper)
 
     def train_step(t):
         for i in range(problem.n):
@@ -441,7 +440,7 @@ def test_non_finite_gradient_skips_the_step(name, how):
     # training goes on as if the bad step never happened
     train_step(2)
     train_step(3)
-    clean, _ = run_impl(problem, OPTS[name], **hyper)
+    clean, _ = run_impl(problem, VR_OPTIMIZERS[name], **hyper)
     _close(params, clean, rtol=0, atol=0)
 
 
@@ -450,10 +449,10 @@ def test_non_finite_gradient_skips_the_step(name, how):
 def test_state_dict_round_trip_continues_exactly(name, extra):
     problem = Problem("model", n=3, steps=6, seed=8)
     hyper = dict(gamma=0.5, **extra, **CFG[name])
-    straight, _ = run_impl(problem, OPTS[name], **hyper)
+    straight, _ = run_impl(problem, VR_OPTIMIZERS[name], **hyper)
 
     params = problem.make_params()
-    opt = OPTS[name](params, **hyper)
+    opt = VR_OPTIMIZERS[name](params, **hyper)
     for t in range(2):
         for i in range(problem.n):
             problem.loss(params, t, i).backward()
@@ -464,7 +463,7 @@ def test_state_dict_round_trip_continues_exactly(name, extra):
     del opt
 
     params2 = [torch.nn.Parameter(p.clone()) for p in saved_params]
-    opt2 = OPTS[name](params2, **hyper)
+    opt2 = VR_OPTIMIZERS[name](params2, **hyper)
     opt2.load_state_dict(saved_state)
     for t in range(2, problem.steps):
         for i in range(problem.n):
@@ -479,7 +478,7 @@ def test_state_dict_round_trip_continues_exactly(name, extra):
 def test_state_dict_loads_with_weights_only(name):
     """torch.load's default (weights_only=True) must be able to read the state_dict."""
     problem = Problem("model", n=3, steps=2, seed=9)
-    params, opt = run_impl(problem, OPTS[name], gsnr_ema=0.5, **CFG[name])
+    params, opt = run_impl(problem, VR_OPTIMIZERS[name], gsnr_ema=0.5, **CFG[name])
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
@@ -504,7 +503,7 @@ def test_low_precision_params(name, dtype):
         const = torch.nn.Parameter(torch.ones(3, 4, dtype=dt))
         zero = torch.nn.Parameter(torch.ones(6, dtype=dt))
         c_grad = torch.linspace(-1.0, 1.0, 12).reshape(3, 4).to(dt)
-        opt = OPTS[name](params + [const, zero], **cfg)
+        opt = VR_OPTIMIZERS[name](params + [const, zero], **cfg)
         for t in range(problem.steps):
             for i in range(problem.n):
                 loss = problem.loss(params, t, i) + (const * c_grad).sum() + 0.0 * zero.sum()
@@ -525,7 +524,7 @@ def test_low_precision_params(name, dtype):
 def test_foreach_true_false_none_agree(name):
     problem = Problem("model", n=3, steps=4, seed=11)
     hyper = dict(gamma=0.5, **CFG[name])
-    runs = [_quiet_run(problem, OPTS[name], foreach=f, **hyper)[0] for f in (False, True, None)]
+    runs = [_quiet_run(problem, VR_OPTIMIZERS[name], foreach=f, **hyper)[0] for f in (False, True, None)]
     _close(runs[1], runs[0], rtol=1e-6, atol=1e-7)
     _close(runs[2], runs[0], rtol=1e-6, atol=1e-7)
 
@@ -540,7 +539,7 @@ def test_foreach_true_false_none_agree(name):
 def test_gsnr_stats_match_reference(name, gamma):
     problem = Problem("direct", shapes=((7,), (5, 6), (4, 3)), n=4, steps=1, seed=12)
     params = problem.make_params()
-    opt = OPTS[name]([{"params": params[:2]}, {"params": params[2:]}], gamma=gamma, **CFG[name])
+    opt = VR_OPTIMIZERS[name]([{"params": params[:2]}, {"params": params[2:]}], gamma=gamma, **CFG[name])
     for i in range(problem.n):
         problem.loss(params, 0, i).backward()
     opt.step()

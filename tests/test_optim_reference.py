@@ -14,10 +14,9 @@ import zlib
 import pytest
 import torch
 
-from ds_vrgd.optim import VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW
+from ds_vrgd.optim import VR_OPTIMIZERS
 from tests.reference import Problem, run_impl, run_reference
 
-OPTS = {"VRSGD": VRSGD, "VRAdam": VRAdam, "VRAdamW": VRAdamW, "VRLARS": VRLARS, "VRLAMB": VRLAMB}
 
 # fp32 tolerances for parameters of order 1 after 4 steps ("direct" problem,
 # whose samples have a controlled across-sample variance).
@@ -83,7 +82,7 @@ def _max_diff(a, b):
 def _run_both(problem, name, hyper):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the n < 2 fallback warning is tested elsewhere
-        params, _ = run_impl(problem, OPTS[name], **hyper)
+        params, _ = run_impl(problem, VR_OPTIMIZERS[name], **hyper)
     ref = run_reference(problem, name, **hyper)
     return params, ref
 
@@ -137,8 +136,8 @@ def test_warmup_steps_are_exactly_the_base_optimizer(name):
     """During the warmup steps rho = 1: after k <= warmup steps the params equal vr=False."""
     problem = Problem("direct", n=3, steps=3, seed=11)
     hyper = dict(CONFIGS[name][0], gamma=0.5)
-    a, _ = run_impl(problem, OPTS[name], gsnr_warmup_steps=3, **hyper)
-    b, _ = run_impl(problem, OPTS[name], vr=False, **hyper)
+    a, _ = run_impl(problem, VR_OPTIMIZERS[name], gsnr_warmup_steps=3, **hyper)
+    b, _ = run_impl(problem, VR_OPTIMIZERS[name], vr=False, **hyper)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
@@ -159,7 +158,7 @@ def test_param_groups_with_different_hyperparameters(name):
     def groups(ps):
         return [{"params": ps[:2]}, {"params": ps[2:], **override}]
 
-    params, _ = run_impl(problem, OPTS[name], param_arg=groups, **base)
+    params, _ = run_impl(problem, VR_OPTIMIZERS[name], param_arg=groups, **base)
     ref = run_reference(problem, name, groups=groups(problem.init), **base)
     _assert_close(params, ref.params)
     # power: the override changes the result
@@ -177,7 +176,7 @@ def test_gamma_per_param_group(name):
     def groups(ps):
         return [{"params": ps[:2]}, {"params": ps[2:], "gamma": 0.9}]
 
-    params, _ = run_impl(problem, OPTS[name], param_arg=groups, **base)
+    params, _ = run_impl(problem, VR_OPTIMIZERS[name], param_arg=groups, **base)
     ref = run_reference(problem, name, groups=groups(problem.init), **base)
     _assert_close(params, ref.params)
 
@@ -192,5 +191,5 @@ def test_cache_tiles_match_reference(monkeypatch, name, foreach):
     hyper = dict(CONFIGS[name][-1], gamma=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        params, _ = run_impl(problem, OPTS[name], foreach=foreach, **hyper)
+        params, _ = run_impl(problem, VR_OPTIMIZERS[name], foreach=foreach, **hyper)
     _assert_close(params, run_reference(problem, name, **hyper).params)

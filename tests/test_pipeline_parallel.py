@@ -11,17 +11,17 @@ import os
 import pytest
 import torch
 
+from ds_vrgd.optim import VR_OPTIMIZERS
 from tests.ds_harness import OPTIMIZER_PARAMS, MICRO_BATCH, make_model, max_param_diff, micro_batch, reference
 from tests.launching import spawn_results
 
 pytestmark = pytest.mark.slow
 
 PP, DP, STEPS = 2, 2, 3
-OPTIMIZERS = ["VRSGD", "VRAdam", "VRAdamW", "VRLARS", "VRLAMB"]
 # ZeRO 0 without clipping: DeepSpeed's own ZeRO-0 pipeline clipping does not use the global gradient norm
 # (with vr=False, i.e. plain SGD, it differs from clip_grad_norm_ of the whole model by 2e-3 here)
 CASES = [dict(optimizer=o, stage=s, gas=g, clip=c if s else 0.0)
-         for o in OPTIMIZERS for s in (0, 1) for g, c in ((1, 1.0), (2, 0.02))]
+         for o in VR_OPTIMIZERS for s in (0, 1) for g, c in ((1, 1.0), (2, 0.02))]
 
 
 def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ds_vrgd.optim import VR_OPTIMIZERS
 from examples.megatron_tp import ParallelState, TensorParallelTokenModel, token_batch
 from tests.launching import spawn_results
 
 pytestmark = pytest.mark.slow
 
 TP, DP, STEPS, LR = 2, 2, 3, 0.01
-OPTIMIZERS = ["VRSGD", "VRAdam", "VRAdamW", "VRLARS", "VRLAMB"]
-CASES = [dict(optimizer=o, stage=s, gas=g, clip=c) for o in OPTIMIZERS for s in (0, 1) for g, c in ((1, 1.0), (2, 0.05))]
+CASES = [dict(optimizer=o, stage=s, gas=g, clip=c) for o in VR_OPTIMIZERS for s in (0, 1) for g, c in ((1, 1.0), (2, 0.05))]
 PARAMS = {"lr": LR, "gamma": 0.5}
 
 

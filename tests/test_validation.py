@@ -7,11 +7,11 @@ DeepSpeed cases run ``deepspeed.initialize`` in this process on a 1-rank gloo gr
 import pytest
 import torch
 
-from ds_vrgd.optim import VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW
+from ds_vrgd.optim import VR_OPTIMIZERS, VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW
 from tests.ds_harness import make_model, train_engine
 from tests.launching import free_port
 
-ALL = (VRSGD, VRAdam, VRAdamW, VRLARS, VRLAMB)
+ALL = tuple(VR_OPTIMIZERS.values())
 ADAM_LIKE = (VRAdam, VRAdamW, VRLAMB)
 NOT_NUMBERS = ("0.1", None, True, [0.1])
 NOT_BOOLS = ("yes", 1, None)
@@ -122,7 +122,7 @@ def test_unknown_type_lists_the_valid_ones(one_rank, kind, suggestion):
         one_rank.initialize(model=model, model_parameters=model.parameters(), config=_config(kind))
     message = str(info.value)
     assert repr(kind) in message
-    assert all(name in message for name in ("VRSGD", "VRAdam", "VRAdamW", "VRLARS", "VRLAMB", *DEEPSPEED_OPTIMIZERS))
+    assert all(name in message for name in (*VR_OPTIMIZERS, *DEEPSPEED_OPTIMIZERS))
     if suggestion is None:
         assert "did you mean" not in message
     else:

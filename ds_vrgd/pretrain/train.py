@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 
 from ds_vrgd import gsnr
+from ds_vrgd.optim import VR_OPTIMIZERS
 from ds_vrgd.pretrain import report
 from ds_vrgd.pretrain.data import MaskingSpec, MLMCollator, load_pretraining_data, read_meta, stable_seed
 from ds_vrgd.pretrain.models import PRESETS, MaskedPositionsMLM, bert_config, build_bert_mlm
@@ -142,10 +143,9 @@ def check_optimizer(config: dict, path: str) -> tuple[str, float]:
     VR option (built once on a dummy parameter), for a missing lr and for a
     "scheduler" block (the trainer sets the schedule).
     """
-    import deepspeed  # noqa: F401  before ds_vrgd.deepspeed, so that ds_vrgd's import hook registers the types
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
-    from ds_vrgd.deepspeed import VR_OPTIMIZERS, build_optimizer, vr_optimizer_class
+    from ds_vrgd.deepspeed import build_optimizer, vr_optimizer_class
 
     block = config.get("optimizer")
     name = block.get("type") if isinstance(block, dict) else None
@@ -153,7 +153,7 @@ def check_optimizer(config: dict, path: str) -> tuple[str, float]:
         vr_optimizer_class(name) is not None or name.lower() in DEEPSPEED_OPTIMIZERS or hasattr(torch.optim, name)
     )
     if not known:
-        vr_types = ", ".join(cls.__name__ for cls in VR_OPTIMIZERS.values())
+        vr_types = ", ".join(VR_OPTIMIZERS)
         raise ValueError(
             f'{path}: unknown optimizer type {name!r}; set "optimizer": {{"type": ...}} to one of {vr_types} '
             f"(GSNR statistics; \"params\": {{\"vr\": false}} gives the plain base, e.g. LAMB from VRLAMB), "
