@@ -151,7 +151,7 @@ def worker_time(args, rank: int, world: int) -> dict:
             errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         dist.barrier()
     names = list(engines)
-    numel = sum(p.numel() for p in next(iter(engines.values())).module.parameters()) if engines else 0
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in next(iter(engines.values())).module.parameters()) if engines else 0
     times = {n: [] for n in names}
     boundary = {n: [] for n in names}
     comm = {n: [] for n in names}
@@ -205,7 +205,7 @@ def worker_memory(args, rank: int, world: int) -> dict:
         "rss_after_init_kib": after_init, "rss_end_kib": end["VmRSS"], "hwm_kib": end["VmHWM"],
         "peak_delta_MiB": (end["VmHWM"] - rss0) / 1024, "end_delta_MiB": (end["VmRSS"] - rss0) / 1024,
         "init_delta_MiB": (after_init - rss0) / 1024, "partition_numel": partition, "buffer_numel": buffers,
-        "numel": sum(p.numel() for p in engine.module.parameters()), "torch_threads": torch.get_num_threads(),
+        "numel": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()), "torch_threads": torch.get_num_threads(),
     }
 
 

@@ -7,7 +7,7 @@
   no ``zero_allow_untested_optimizer`` is needed.
 * Attachment (after the engine wrapped the optimizer): the VR optimizer gets a
   :class:`~ds_vrgd.partitioned.PartitionedMoments` source and layout built
-  from the engine's flat ZeRO partitions (stages 1, 2) or the replicated
+  from the engine's flat ZeRO partitions (stages 1, 2; the fp32 sub-groups at stage 3) or the replicated
   parameters (stage 0, fp32); the samples carry their own fp32 sums (so the
   engine's rescaling, fp16 unscale and clipping, never reaches rho), they are
   dropped after every optimizer step (applied or skipped for fp16 overflow),

@@ -164,7 +164,7 @@ class GsnrCallback(TrainerCallback):
         elif args.world_size > 1 and not self.trainer.is_deepspeed_enabled:
             raise ValueError(
                 f"{PREFIX}{args.world_size} processes but the model is wrapped in "
-                f"{type(wrapped).__name__}; GSNR samples across ranks need torch DDP or DeepSpeed ZeRO 0-2"
+                f"{type(wrapped).__name__}; GSNR samples across ranks need torch DDP or DeepSpeed ZeRO 0-3"
             )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
