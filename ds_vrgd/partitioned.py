@@ -66,7 +66,7 @@ from torch import Tensor
 from ds_vrgd import gsnr
 from ds_vrgd._tensor_lists import square_into
 from ds_vrgd.capture import HELD, JOINED, NEW, NEW_HELD, MicroStepSum, requiring_grad
-from ds_vrgd.optim._base import Piece
+from ds_vrgd.layout import Piece
 
 ROW = 2
 """fp32 elements per bucket row: (g^2, g)."""

@@ -12,11 +12,11 @@ rule, given a :class:`Block` of its pieces and rho (None means rho = 1):
 * :meth:`VROptimizer._apply` and :meth:`VROptimizer._trust_ratio` (LARS/LAMB
   only): finish with the per-layer trust ratio from ||W|| and ||update||.
 
-Pieces: the optimizer updates *pieces*, each a view of one tensor it owns
-(``group["params"]``) that lies inside one model layer. In plain PyTorch each
-parameter is one layer (:class:`WholeParamLayout`); the DeepSpeed adapter
-installs a layout whose owned tensors are flat ZeRO partitions cut at layer
-boundaries, with a cross-rank reduce, so per-layer sums stay exact.
+Pieces: the optimizer updates *pieces* of the tensors it owns, each inside
+one model layer; a :class:`ds_vrgd.layout.Layout` cuts them (one per
+parameter in plain PyTorch; ZeRO partitions and tensor-parallel shards under
+DeepSpeed, with a cross-rank reduce, so per-layer sums stay exact). Options
+and their validation: :mod:`ds_vrgd.optim.options`.
 
 Order of one ``step()`` (all param groups together)::
 
@@ -41,11 +41,10 @@ costs one host sync per step; its norms come from the passes above.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -54,10 +53,9 @@ from torch.optim import Optimizer
 from ds_vrgd import gsnr
 from ds_vrgd._tensor_lists import ListOps, Scratch, TensorList
 from ds_vrgd.capture import BackwardHookMoments, MomentSource
+from ds_vrgd.layout import Layout, Piece, WholeParamLayout
+from ds_vrgd.optim.options import VR_DEFAULTS, validate_vr_options
 
-VR_DEFAULTS = dict(
-    gamma=0.1, eps_gsnr=1e-20, gsnr_max=gsnr.GSNR_MAX, gsnr_warmup_steps=0, gsnr_ema=0.0, vr=True
-)
 CPU_TILE_NUMEL = 1 << 20
 """Elements per block on CPU: 4 MiB of fp32 per tensor, so the handful of tensors a block's chain of
 ops touches stays in a 32 MiB L3; measured on BERT-base, 2^20-2^21 beat 2^18 (per-op overhead) and
@@ -67,58 +65,6 @@ ops touches stays in a 32 MiB L3; measured on BERT-base, 2^20-2^21 beat 2^18 (pe
 NUMEL = gsnr.PARTIAL_ROWS
 # Rows of reduction 2.
 AT_LOW, AT_HIGH, WEIGHT_SQ, UPDATE_SQ = 0, 1, 2, 3
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Elements [offset, offset + numel) of the flattened owned tensor ``owner``, in ``layer``."""
-
-    owner: Tensor
-    offset: int
-    numel: int
-    layer: int
-
-    def of(self, tensor: Tensor) -> Tensor:
-        """The piece's view of a tensor shaped like the owner (the owner itself, its grad, state)."""
-        if self.offset == 0 and self.numel == tensor.numel():
-            return tensor
-        return tensor.view(-1).narrow(0, self.offset, self.numel)
-
-    def tiles(self, size: int) -> list["Piece"]:
-        """The piece cut into consecutive pieces of at most ``size`` elements."""
-        if self.numel <= size:
-            return [self]
-        return [
-            Piece(self.owner, self.offset + start, min(size, self.numel - start), self.layer)
-            for start in range(0, self.numel, size)
-        ]
-
-
-class WholeParamLayout:
-    """Each parameter is one layer and one piece; no cross-rank reduce."""
-
-    def __init__(self, optimizer: "VROptimizer"):
-        self._optimizer = optimizer
-
-    def _params(self) -> list[tuple[str, Tensor]]:
-        named = []
-        for group in self._optimizer.param_groups:
-            names = group.get("param_names") or [None] * len(group["params"])
-            named.extend(zip(names, group["params"]))
-        return [(name or f"param_{i}", p) for i, (name, p) in enumerate(named)]
-
-    def pieces(self, params: list[Tensor]) -> list[Piece]:
-        index = {id(p): i for i, (_, p) in enumerate(self._params())}
-        return [Piece(p, 0, p.numel(), index[id(p)]) for p in params]
-
-    def table(self, pieces: list[Piece]) -> gsnr.LayerTable:
-        named = self._params()
-        return gsnr.LayerTable(
-            piece_layer=[piece.layer for piece in pieces],
-            layer_numel=[p.numel() for _, p in named],
-            layer_ndim=[p.ndim for _, p in named],
-            layer_names=[name for name, _ in named],
-        )
 
 
 class Block:
@@ -179,76 +125,6 @@ class GroupStep:
             self.ops.scratch.reset()
 
 
-def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
-    return ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
-
-
-def _in_interval(value: Any, low: float, high: float, low_open=False, high_open=True) -> bool:
-    """Whether value is an int or float (not a bool) in the interval. The type is checked before any
-    comparison, so strings, None, lists... give False rather than a TypeError; NaN fails the comparisons."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-
-
-def _check_range(
-    name: str, value: Any, low: float, high: float = math.inf, *, low_open=False, high_open=True, optional=False
-) -> None:
-    """ValueError naming the option unless value is an int or float (not a bool, not NaN) in the
-    interval, or None with ``optional``."""
-    if (optional and value is None) or _in_interval(value, low, high, low_open, high_open):
-        return
-    kind = "None or a number (int or float)" if optional else "a number (int or float)"
-    raise ValueError(f"Invalid {name}: {value!r}; expected {kind} in {_interval(low, high, low_open, high_open)}")
-
-
-def _check_bool(name: str, value: Any, optional: bool = False) -> None:
-    """ValueError naming the option unless value is True or False (or None with ``optional``); 0, 1 and
-    strings such as "yes" are refused, not converted."""
-    if not (isinstance(value, bool) or (optional and value is None)):
-        raise ValueError(f"Invalid {name}: {value!r}; expected True or False" + (" or None" if optional else ""))
-
-
-def validate_vr_options(options: dict) -> None:
-    """Check the options every VR optimizer shares (raise ValueError naming the bad one): lr,
-    weight_decay, gamma, eps_gsnr >= 0; gsnr_max None or > 0; gsnr_ema in [0, 1); gsnr_warmup_steps
-    an int >= 0; vr a bool; foreach None or a bool."""
-    _check_range("lr", options["lr"], 0.0)
-    _check_range("weight_decay", options["weight_decay"], 0.0)
-    _check_range("gamma", options["gamma"], 0.0)
-    _check_range("eps_gsnr", options["eps_gsnr"], 0.0)
-    _check_range("gsnr_max", options["gsnr_max"], 0.0, low_open=True, optional=True)
-    _check_range("gsnr_ema", options["gsnr_ema"], 0.0, 1.0)
-    warmup = options["gsnr_warmup_steps"]
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        raise ValueError(f"Invalid gsnr_warmup_steps: {warmup!r}; expected an integer (int) >= 0")
-    _check_bool("vr", options["vr"])
-    _check_bool("foreach", options.get("foreach"), optional=True)
-
-
-def validate_betas(betas: Any) -> None:
-    """betas must be a tuple or list of two numbers (int or float), each in [0, 1)."""
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
-            and all(_in_interval(beta, 0.0, 1.0) for beta in betas)):
-        raise ValueError(
-            f"Invalid betas: {betas!r}; expected a pair (beta1, beta2) of numbers (int or float) in [0.0, 1.0)"
-        )
-
-
-def validate_eps(eps: Any) -> None:
-    """eps must be a number (int or float) > 0."""
-    _check_range("eps", eps, 0.0, low_open=True)
-
-
-def reject_unknown(cls: type, unknown: dict) -> None:
-    """ValueError for keyword arguments the optimizer does not take, listing the valid ones."""
-    if unknown:
-        valid = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params", "unknown")]
-        raise ValueError(
-            f"{cls.__name__} got unknown option(s) {sorted(unknown)}; valid options are: {', '.join(valid)}"
-        )
-
-
 def trust_ratio(weight_norm: float, update_norm: float, coefficient: float = 1.0, max_ratio: float = math.inf) -> float:
     """min(coefficient * ||W|| / ||update||, max_ratio), or 1 where either norm is 0."""
     if weight_norm == 0.0 or update_norm == 0.0:
@@ -291,7 +167,7 @@ class VROptimizer(Optimizer):
         if group["vr"] and isinstance(self._moments, BackwardHookMoments):
             self._moments.watch(group["params"], group.get("param_names"))
 
-    def use_moments(self, source: MomentSource, layout: Any = None) -> None:
+    def use_moments(self, source: MomentSource, layout: Optional[Layout] = None) -> None:
         """Replace the sample source (and the piece layout); the DeepSpeed/DDP adapters call this."""
         self._moments.close()
         self._moments = source

@@ -14,7 +14,8 @@ from typing import Iterable, Optional
 
 from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import Block, VROptimizer, reject_unknown, validate_betas, validate_eps
+from ds_vrgd.optim._base import Block, VROptimizer
+from ds_vrgd.optim.options import reject_unknown, validate_betas, validate_eps
 
 
 class VRAdam(VROptimizer):

@@ -36,16 +36,8 @@ from typing import Iterable, Optional
 
 from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import (
-    Block,
-    VROptimizer,
-    _check_bool,
-    _check_range,
-    reject_unknown,
-    trust_ratio,
-    validate_betas,
-    validate_eps,
-)
+from ds_vrgd.optim._base import Block, VROptimizer, trust_ratio
+from ds_vrgd.optim.options import check_bool, check_range, reject_unknown, validate_betas, validate_eps
 
 
 class VRLAMB(VROptimizer):
@@ -84,8 +76,8 @@ class VRLAMB(VROptimizer):
         super()._validate(options)
         validate_betas(options["betas"])
         validate_eps(options["eps"])
-        _check_range("max_trust_ratio", options["max_trust_ratio"], 0.0, low_open=True, high_open=False)
-        _check_bool("exclude_1d", options["exclude_1d"])
+        check_range("max_trust_ratio", options["max_trust_ratio"], 0.0, low_open=True, high_open=False)
+        check_bool("exclude_1d", options["exclude_1d"])
 
     uses_layer_norms = True
 

@@ -28,7 +28,8 @@ from typing import Iterable, Optional
 
 from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import Block, VROptimizer, _check_bool, _check_range, reject_unknown, trust_ratio
+from ds_vrgd.optim._base import Block, VROptimizer, trust_ratio
+from ds_vrgd.optim.options import check_bool, check_range, reject_unknown
 
 
 class VRLARS(VROptimizer):
@@ -64,9 +65,9 @@ class VRLARS(VROptimizer):
     def _validate(self, options: dict) -> None:
         """Also: momentum in [0, 1), trust_coefficient > 0, exclude_1d a bool."""
         super()._validate(options)
-        _check_range("momentum", options["momentum"], 0.0, 1.0)
-        _check_range("trust_coefficient", options["trust_coefficient"], 0.0, low_open=True)
-        _check_bool("exclude_1d", options["exclude_1d"])
+        check_range("momentum", options["momentum"], 0.0, 1.0)
+        check_range("trust_coefficient", options["trust_coefficient"], 0.0, low_open=True)
+        check_bool("exclude_1d", options["exclude_1d"])
 
     uses_layer_norms = True
 

@@ -14,7 +14,8 @@ from typing import Iterable, Optional
 
 from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import Block, VROptimizer, _check_bool, _check_range, reject_unknown
+from ds_vrgd.optim._base import Block, VROptimizer
+from ds_vrgd.optim.options import check_bool, check_range, reject_unknown
 
 
 class VRSGD(VROptimizer):
@@ -49,9 +50,9 @@ class VRSGD(VROptimizer):
     def _validate(self, options: dict) -> None:
         """Also: momentum >= 0, dampening in [0, 1], nesterov a bool (True needs momentum > 0, dampening 0)."""
         super()._validate(options)
-        _check_range("momentum", options["momentum"], 0.0)
-        _check_range("dampening", options["dampening"], 0.0, 1.0, high_open=False)
-        _check_bool("nesterov", options["nesterov"])
+        check_range("momentum", options["momentum"], 0.0)
+        check_range("dampening", options["dampening"], 0.0, 1.0, high_open=False)
+        check_bool("nesterov", options["nesterov"])
         if options["nesterov"] and (options["momentum"] <= 0 or options["dampening"] != 0):
             raise ValueError(
                 f"Invalid nesterov: True with momentum={options['momentum']!r}, dampening={options['dampening']!r}; "

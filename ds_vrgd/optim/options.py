@@ -1,0 +1,84 @@
+"""Options of the VR optimizers: defaults and validation (a ValueError names the option, the value and
+the valid range or type; docs/usage.md lists them)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+from ds_vrgd import gsnr
+
+VR_DEFAULTS = dict(
+    gamma=0.1, eps_gsnr=1e-20, gsnr_max=gsnr.GSNR_MAX, gsnr_warmup_steps=0, gsnr_ema=0.0, vr=True
+)
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    return ("(" if low_open else "[") + f"{low}, {high}" + (")" if high_open else "]")
+
+
+def _in_interval(value: Any, low: float, high: float, low_open=False, high_open=True) -> bool:
+    """Whether value is an int or float (not a bool) in the interval. The type is checked before any
+    comparison, so strings, None, lists... give False rather than a TypeError; NaN fails the comparisons."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+
+
+def check_range(
+    name: str, value: Any, low: float, high: float = math.inf, *, low_open=False, high_open=True, optional=False
+) -> None:
+    """ValueError naming the option unless value is an int or float (not a bool, not NaN) in the
+    interval, or None with ``optional``."""
+    if (optional and value is None) or _in_interval(value, low, high, low_open, high_open):
+        return
+    kind = "None or a number (int or float)" if optional else "a number (int or float)"
+    raise ValueError(f"Invalid {name}: {value!r}; expected {kind} in {_interval(low, high, low_open, high_open)}")
+
+
+def check_bool(name: str, value: Any, optional: bool = False) -> None:
+    """ValueError naming the option unless value is True or False (or None with ``optional``); 0, 1 and
+    strings such as "yes" are refused, not converted."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise ValueError(f"Invalid {name}: {value!r}; expected True or False" + (" or None" if optional else ""))
+
+
+def validate_vr_options(options: dict) -> None:
+    """Check the options every VR optimizer shares (raise ValueError naming the bad one): lr,
+    weight_decay, gamma, eps_gsnr >= 0; gsnr_max None or > 0; gsnr_ema in [0, 1); gsnr_warmup_steps
+    an int >= 0; vr a bool; foreach None or a bool."""
+    check_range("lr", options["lr"], 0.0)
+    check_range("weight_decay", options["weight_decay"], 0.0)
+    check_range("gamma", options["gamma"], 0.0)
+    check_range("eps_gsnr", options["eps_gsnr"], 0.0)
+    check_range("gsnr_max", options["gsnr_max"], 0.0, low_open=True, optional=True)
+    check_range("gsnr_ema", options["gsnr_ema"], 0.0, 1.0)
+    warmup = options["gsnr_warmup_steps"]
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"Invalid gsnr_warmup_steps: {warmup!r}; expected an integer (int) >= 0")
+    check_bool("vr", options["vr"])
+    check_bool("foreach", options.get("foreach"), optional=True)
+
+
+def validate_betas(betas: Any) -> None:
+    """betas must be a tuple or list of two numbers (int or float), each in [0, 1)."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_in_interval(beta, 0.0, 1.0) for beta in betas)):
+        raise ValueError(
+            f"Invalid betas: {betas!r}; expected a pair (beta1, beta2) of numbers (int or float) in [0.0, 1.0)"
+        )
+
+
+def validate_eps(eps: Any) -> None:
+    """eps must be a number (int or float) > 0."""
+    check_range("eps", eps, 0.0, low_open=True)
+
+
+def reject_unknown(cls: type, unknown: dict) -> None:
+    """ValueError for keyword arguments the optimizer does not take, listing the valid ones."""
+    if unknown:
+        valid = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params", "unknown")]
+        raise ValueError(
+            f"{cls.__name__} got unknown option(s) {sorted(unknown)}; valid options are: {', '.join(valid)}"
+        )
