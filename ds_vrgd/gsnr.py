@@ -114,8 +114,6 @@ class GsnrRatio:
     ratio: TensorList
     scale: list[float]
     partial: Tensor
-    from_sample_sums: bool = False
-    """Whether the mean came from sums of samples rather than the gradient (set by the caller)."""
 
 
 def gsnr_ratio(

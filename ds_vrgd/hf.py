@@ -39,8 +39,6 @@ from ds_vrgd.ddp import enable_gsnr
 from ds_vrgd.gsnr import LOG_FIELDS
 from ds_vrgd.optim import VR_OPTIMIZERS, VROptimizer
 
-LOG_KEYS = LOG_FIELDS
-"""Log key -> key of :meth:`VROptimizer.gsnr_stats` (the names DeepSpeed's monitor uses too)."""
 
 PREFIX = "ds_vrgd.hf.add_gsnr: "
 HOW_TO_CHOOSE = (
@@ -67,11 +65,11 @@ def find_vr_optimizer(optimizer=None, model=None) -> Optional[VROptimizer]:
 
 
 def gsnr_logs(optimizer: VROptimizer, micro_batch_size: Optional[int]) -> dict[str, float]:
-    """The last step's GSNR statistics under :data:`LOG_KEYS` ({} before a step with n >= 2)."""
+    """The last step's GSNR statistics under :data:`ds_vrgd.gsnr.LOG_FIELDS` ({} before a step with n >= 2)."""
     stats = optimizer.gsnr_stats(micro_batch_size)
     if stats["n"] < 2:
         return {}
-    return {key: float(stats[name]) for key, name in LOG_KEYS.items() if stats[name] is not None}
+    return {key: float(stats[name]) for key, name in LOG_FIELDS.items() if stats[name] is not None}
 
 
 def _given_to_trainer(trainer: Trainer) -> Optional[tuple[str, type]]:

@@ -28,7 +28,7 @@ reduction follows the gradient's path:
 
 So after a step's micro-steps, Q = sum over ranks and micro-batches of g^2 for
 exactly the elements this rank's optimizer updates, and n = world_size x
-micro-steps. Extra memory: Q (and S) (partition-sized, fp32) plus one fp32
+micro-steps. Extra memory: Q and S (partition-sized, fp32) plus one fp32
 bucket (the two halves), and a copy of a half's slices for one destination
 when they are not adjacent in it.
 
@@ -140,10 +140,11 @@ class PartitionedMoments:
         self._sharded = [i for i, layer in enumerate(layers) if layer.sharded]
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
-        owners = {id(s.owner): s.owner for layer in layers for s in layer.slices if s.owner is not None}
+        self._owners = {id(s.owner): s.owner for layer in layers for s in layer.slices if s.owner is not None}
+        self._partitioned = any(s.rank != REPLICATED for layer in layers for s in layer.slices)
         fp32 = dict(dtype=torch.float32)
-        self._sq = {key: _state_buffer(owner) for key, owner in owners.items() if capture}
-        self._sum = {key: _state_buffer(owner) for key, owner in owners.items() if capture}
+        self._sq = {key: _state_buffer(owner) for key, owner in self._owners.items() if capture}
+        self._sum = {key: _state_buffer(owner) for key, owner in self._owners.items() if capture}
         total = sum(layer.numel for layer in layers)
         device = self._comm_device = comm_device
         size = max(2, min(bucket_numel // ROW, total)) if capture else 0
@@ -303,8 +304,7 @@ class PartitionedMoments:
 
     def owned_numel(self) -> int:
         """Elements of the tensors this rank's optimizer updates (its partition: all sub-groups, offloaded or not)."""
-        owners = {id(s.owner): s.owner for layer in self.layers for s in layer.slices if s.owner is not None}
-        return sum(owner.numel() for owner in owners.values())
+        return sum(owner.numel() for owner in self._owners.values())
 
     def buffer_numel(self) -> dict:
         """Extra fp32 elements held: the Q and S buffers and the reduction bucket."""
@@ -352,13 +352,12 @@ class PartitionedMoments:
         ]
 
     def table(self, pieces: list[Piece]) -> gsnr.LayerTable:
-        replicated = all(s.rank == REPLICATED for layer in self.layers for s in layer.slices) and not self._sharded
         return gsnr.LayerTable(
             piece_layer=[piece.layer for piece in pieces],
             layer_numel=[layer.numel for layer in self.layers],
             layer_ndim=[layer.ndim for layer in self.layers],
             layer_names=[layer.name for layer in self.layers],
-            reduce=None if replicated else self._all_reduce,
+            reduce=self._all_reduce if self._partitioned or self._sharded else None,
         )
 
     def _all_reduce(self, tensor: Tensor) -> None:
@@ -366,7 +365,7 @@ class PartitionedMoments:
         layers' columns over the tensor-parallel group (replicated layers are counted once), through
         the communication device (the sums of offloaded owners are on the host)."""
         work = tensor.to(self._comm_device)
-        if any(s.rank != REPLICATED for layer in self.layers for s in layer.slices):
+        if self._partitioned:
             dist.all_reduce(work, group=self.group)
         if self._sharded and self._tensor_parallel is not None:
             columns = work[:, self._sharded]  # a copy: advanced indexing

@@ -140,7 +140,7 @@ def final_metrics(trainer: Trainer, train_loss: float, eval_loss: float) -> dict
         "n": optimizer.gsnr_stats()["n"], "steps": trainer.state.global_step,
         "losses": [entry["loss"] for entry in logged], "train_loss": train_loss,
         "eval_loss": eval_loss, "eval_perplexity": math.exp(eval_loss),
-        **{key: logged[-1].get(key) for key in ds_vrgd.hf.LOG_KEYS},
+        **{key: logged[-1].get(key) for key in ds_vrgd.gsnr.LOG_FIELDS},
     }
 
 

@@ -141,10 +141,12 @@ class TensorParallelTokenModel(torch.nn.Module):
 
     def unsharded(self, shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The full parameters from every tensor rank's ``state_dict()`` (in tensor-rank order)."""
-        first = shards[0]
-        return {name: torch.cat([s[name] for s in shards], getattr(getattr(self, name, None), "partition_dim", 0))
-                if getattr(getattr(self, name, None), "tensor_model_parallel", False) else first[name]
-                for name in first}
+        full = {}
+        for name, value in shards[0].items():
+            param = getattr(self, name, None)  # the shards are direct attributes; LayerNorm's are replicated
+            sharded = getattr(param, "tensor_model_parallel", False)
+            full[name] = torch.cat([s[name] for s in shards], param.partition_dim) if sharded else value
+        return full
 
 
 TOKEN_VALUES = torch.randn(VOCAB, generator=torch.Generator().manual_seed(12_345))

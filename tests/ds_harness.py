@@ -174,6 +174,11 @@ def _engine(case: dict):
     return engine
 
 
+def results_by_case(world: int, cases: list[dict], fp16_on_cpu: bool = False) -> dict[int, dict]:
+    """:func:`run_cases` keyed by ``id(case)`` (module fixtures look results up by the case object)."""
+    return dict(zip(map(id, cases), run_cases(world, cases, fp16_on_cpu)))
+
+
 def run_cases(world: int, cases: list[dict], fp16_on_cpu: bool = False) -> list[dict]:
     """Train every case on ``world`` spawned gloo ranks; rank 0's results, one per case."""
     return spawn_results(_worker, world, lambda port, out_dir: (world, port, cases, out_dir, fp16_on_cpu))

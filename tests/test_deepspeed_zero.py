@@ -14,7 +14,7 @@ import os
 import pytest
 
 from ds_vrgd.optim import VR_OPTIMIZERS
-from tests.ds_harness import max_param_diff, reference, run_cases
+from tests.ds_harness import max_param_diff, reference, results_by_case
 
 pytestmark = pytest.mark.slow
 
@@ -60,19 +60,18 @@ def _name(case: dict) -> str:
 def world2(tmp_path_factory):
     SPECIAL_2["monitor"]["monitor_dir"] = str(tmp_path_factory.mktemp("monitor"))
     cases = EQUIVALENCE_2 + OFFLOAD_2 + list(SPECIAL_2.values())
-    results = run_cases(2, cases)
-    return dict(zip(map(id, cases), results))
+    return results_by_case(2, cases)
 
 
 @pytest.fixture(scope="module")
 def world4():
-    return dict(zip(map(id, EQUIVALENCE_4), run_cases(4, EQUIVALENCE_4)))
+    return results_by_case(4, EQUIVALENCE_4)
 
 
 @pytest.fixture(scope="module")
 def fp16_world2():
     cases = list(FP16_2.values())
-    return dict(zip(map(id, cases), run_cases(2, cases, fp16_on_cpu=True)))
+    return results_by_case(2, cases, fp16_on_cpu=True)
 
 
 @pytest.mark.parametrize("case", EQUIVALENCE_2, ids=_name)

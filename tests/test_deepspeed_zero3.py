@@ -9,7 +9,7 @@ reference from the same per-micro-batch gradients (tests/ds_harness.py) and the 
 import pytest
 
 from ds_vrgd.optim import VR_OPTIMIZERS
-from tests.ds_harness import make_model, max_param_diff, reference, run_cases
+from tests.ds_harness import make_model, max_param_diff, reference, results_by_case
 
 pytestmark = pytest.mark.slow
 
@@ -45,18 +45,18 @@ def _name(case: dict) -> str:
 @pytest.fixture(scope="module")
 def world2():
     cases = STAGE3_2 + list(SPECIAL.values())
-    return dict(zip(map(id, cases), run_cases(2, cases)))
+    return results_by_case(2, cases)
 
 
 @pytest.fixture(scope="module")
 def world4():
-    return dict(zip(map(id, STAGE3_4), run_cases(4, STAGE3_4)))
+    return results_by_case(4, STAGE3_4)
 
 
 @pytest.fixture(scope="module")
 def fp16_world2():
     cases = list(FP16.values())
-    return dict(zip(map(id, cases), run_cases(2, cases, fp16_on_cpu=True)))
+    return results_by_case(2, cases, fp16_on_cpu=True)
 
 
 @pytest.mark.parametrize("case", STAGE3_2, ids=_name)

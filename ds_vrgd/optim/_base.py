@@ -284,27 +284,32 @@ class VROptimizer(Optimizer):
         """[6, P]: per piece gsnr's partial sums and the element count if GSNR is on (else zeros but ||grad||^2)."""
         partial = torch.zeros(NUMEL + 1, len(table.piece_layer), device=self._reduce_device())
         for g in groups:
-            owners = [p for p in g.group["params"] if p.grad is not None] if g.gsnr else []
+            # the gradient's scale matters only where the mean comes from the gradient (no sample sums)
+            owners = [p for p in g.group["params"]
+                      if p.grad is not None and self._moments.sample_sum(p) is None] if g.gsnr else []
             mean_scales = {id(p): 1.0 / (c * n) if c > 0 else 0.0
                            for p, c in zip(owners, self._moments.grad_scales(owners))}
             for block in g.blocks:
                 g.begin_block()
                 columns = partial[:, block.columns]
                 if g.gsnr:
-                    block.rho = self._ratio(g, block, n, mean_scales)
+                    block.rho, from_sample_sums = self._ratio(g, block, n, mean_scales)
                     columns[:NUMEL] = block.rho.partial
                     columns[NUMEL] = torch.tensor([float(p.numel) for p in block.pieces])
-                    if block.rho.from_sample_sums:  # the guard must still see the gradient itself
+                    if from_sample_sums:  # the guard must still see the gradient itself
                         columns[gsnr.GRAD_SQ] = g.ops.sq_norms(block.grads)
                 else:
                     columns[gsnr.GRAD_SQ] = g.ops.sq_norms(block.grads)
         return partial
 
-    def _ratio(self, g: GroupStep, block: Block, n: int, mean_scales: dict[int, float]) -> gsnr.GsnrRatio:
-        """Phase 1 of a block; mean_scales: a = 1 / (c n) per owner id.
+    def _ratio(
+        self, g: GroupStep, block: Block, n: int, mean_scales: dict[int, float]
+    ) -> tuple[gsnr.GsnrRatio, bool]:
+        """Phase 1 of a block; mean_scales: a = 1 / (c n) per owner id whose mean comes from its gradient.
 
         The mean comes from the source's fp32 sum of the samples where it keeps
-        one (low-precision gradients; a = 1 / n), else from the gradient.
+        one (low-precision gradients, DeepSpeed; a = 1 / n), else from the
+        gradient. Returns the ratio and whether any piece used sample sums.
         """
         sq, sums, scales = [], [], []
         for piece, grad in zip(block.pieces, block.grads):
@@ -315,8 +320,7 @@ class VROptimizer(Optimizer):
             scales.append(mean_scales[id(piece.owner)] if sample_sum is None else 1.0 / n)
         group = g.group
         ratio = gsnr.gsnr_ratio(sums, sq, scales, n, group["eps_gsnr"], group["gsnr_max"], g.ops)
-        ratio.from_sample_sums = any(s is not grad for s, grad in zip(sums, block.grads))
-        return ratio
+        return ratio, any(s is not grad for s, grad in zip(sums, block.grads))
 
     def _phase2(self, groups: list[GroupStep], table: gsnr.LayerTable, normalisers: list) -> Tensor:
         """Factor and rule direction per block; returns [4, P] bound counts and squared norms."""

@@ -76,7 +76,6 @@ NEEDED_MODULES = ("deepspeed", "transformers", "datasets", "tqdm", "matplotlib")
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 CHECKPOINTS, RUN = "checkpoints", "run.json"
 RUN_FILES = (CHECKPOINTS, RUN, report.LOG, report.SUMMARY, report.PLOT, "monitor")
-GSNR_FIELDS = gsnr.LOG_FIELDS  # log name: gsnr_stats() name
 # monitor events written elsewhere: the GSNR statistics by ds_vrgd.deepspeed, Train/Samples/lr by DeepSpeed
 MONITORED_ELSEWHERE = {*gsnr.LOG_FIELDS, "lr"}
 
@@ -521,7 +520,7 @@ def gsnr_record(engine) -> dict:
     optimizer = getattr(engine, "vr_optimizer", None)
     stats = optimizer.gsnr_stats() if optimizer is not None else {}
     have = stats.get("n", 0) >= 2
-    return {key: stats[name] if have else None for key, name in GSNR_FIELDS.items()}
+    return {key: stats[name] if have else None for key, name in gsnr.LOG_FIELDS.items()}
 
 
 def log_record(engine, plan: Plan, record: dict) -> None:

@@ -51,7 +51,7 @@ def main(out: str, via_args: bool) -> None:
             json.dump({"optimizer": type(optimizer).__name__, "n": optimizer.gsnr_stats()["n"],
                        "betas": list(group["betas"]), "weight_decay": group["weight_decay"],
                        "world_size": trainer.args.world_size, "losses": [log["loss"] for log in logged],
-                       "gsnr_logs": [{key: log.get(key) for key in ds_vrgd.hf.LOG_KEYS} for log in logged],
+                       "gsnr_logs": [{key: log.get(key) for key in ds_vrgd.gsnr.LOG_FIELDS} for log in logged],
                        "last_gsnr_mean": optimizer.gsnr_stats()["gsnr_mean"]}, f)
 
 
