@@ -67,16 +67,14 @@ def pretrain_steps(model, batches: BertBatches, steps: int, micro_batch: int = 8
         optimizer.zero_grad()
 
 
-def sample_grads(
-    model, batches: BertBatches, n: int, micro_batch: int = 8, indices=None, scale: float = 1.0
-) -> dict[str, list]:
-    """name -> the n micro-batch gradients (each a tensor in the parameter's dtype), taken one backward at a time.
+def sample_grads(model, batches: BertBatches, n: int, micro_batch: int = 8, scale: float = 1.0) -> dict[str, list]:
+    """name -> the gradients of micro-batches 0..n-1 (each in the parameter's dtype), one backward at a time.
 
-    ``indices``: the micro-batches (default 0..n-1); ``scale``: the loss is multiplied by it (a loss scale).
+    ``scale``: the loss is multiplied by it (a loss scale).
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     samples: dict[str, list] = {name: [] for name, _ in named}
-    for i in indices if indices is not None else range(n):
+    for i in range(n):
         model.zero_grad(set_to_none=True)
         (mlm_loss(model, batches.micro_batch(i, micro_batch)) * scale).backward()
         for name, p in named:
