@@ -1,45 +1,11 @@
 """Moment sources: where the GSNR samples of a step come from.
 
-A moment source gives the optimizer, for each parameter tensor it updates,
-the sum of squared gradient samples Q (fp32, the parameter's shape), the
-number of samples n, and the scale c with ``p.grad = c * (sum of samples)``.
-For gradients in fp16/bf16 it also keeps the fp32 sum of the samples, from
-which the mean is taken instead of the half-precision gradient
-(docs/design.md §3).
-
-:class:`BackwardHookMoments` is the plain-PyTorch source: every outermost
-``backward()`` between two optimizer steps is one sample (a *micro-step*).
-A tensor hook on each parameter sees each gradient g that reaches it and a
-post-accumulate hook adds g^2 into Q once g is in p.grad; the second hook
-also records ||p.grad||. At step time
-``c = ||p.grad|| / ||p.grad at capture||`` picks up any uniform rescaling the
-user applied after backward (``GradScaler.unscale_``,
-``clip_grad_norm_``, division by the number of micro-batches), so m and s
-keep the same units. An element-wise change of p.grad (``clip_grad_value_``)
-is not detected.
-
-Sample rules (every source):
-
-* A parameter unused by a micro-batch contributes a zero sample to it (Q
-  gets nothing, n still counts the micro-step).
-* The sample is the micro-batch's whole gradient. Reentrant activation
-  checkpointing runs each segment's backward as a nested autograd graph
-  task, so a weight used in two segments receives two gradients in one
-  micro-step; they are summed before squaring (:class:`MicroStepSum`), and
-  the micro-step ends with the outermost backward (:class:`OutermostBackward`).
-* Gradients that never reach p.grad (``torch.autograd.grad``, e.g. for a
-  gradient penalty) are not samples; with ``create_graph=True`` their effect
-  on the later ``backward()`` is part of that backward's sample.
-* Every parameter of the watched groups is captured, also one that is frozen
-  when the optimizer is built and unfrozen later (from its first gradient on).
-
-A new step's collection starts after ``optimizer.step()`` or
-``optimizer.zero_grad()``, or at the first backward that finds ``p.grad is
-None`` (``model.zero_grad()``), so samples of a step that a GradScaler
-skipped for overflow are dropped.
-
-The DeepSpeed adapter and the DDP hook provide other sources with the same
-interface.
+A source (:class:`MomentSource`) gives the optimizer, per parameter, Q (the fp32 sum of
+squared samples), n and c with ``p.grad = c * (sum of samples)``, plus the fp32 sum of the
+samples S for fp16/bf16 gradients. :class:`BackwardHookMoments` is the plain-PyTorch source
+(one sample per outermost ``backward()``); :mod:`ds_vrgd.ddp` extends it, and
+:mod:`ds_vrgd.partitioned` is DeepSpeed's. How it works: docs/design.md §4, "The
+plain-PyTorch source"; which gradients are samples: docs/usage.md, same-named section.
 """
 
 from __future__ import annotations
@@ -154,7 +120,8 @@ class MicroStepSum:
         self.holding = False
 
     def arrive(self, micro_step: int, grad: Tensor, had_grad: bool) -> int:
-        """Classify a contribution; ``had_grad``: the parameter had a gradient accumulated before it."""
+        """Classify the contribution ``grad`` of micro-step ``micro_step`` (an id, never reused);
+        ``had_grad``: the parameter had a gradient accumulated before it. Returns its kind (NEW ... UNSEPARABLE)."""
         if self.micro_step != micro_step:
             self.micro_step, self.started_empty = micro_step, not had_grad
             if self.pending is None:
@@ -218,7 +185,8 @@ class _ParamCapture:
 
 
 class BackwardHookMoments:
-    """Samples = outermost backward passes, captured by hooks on the parameters (module docstring).
+    """Samples = outermost backward passes, captured by hooks on the parameters
+    (docs/design.md §4, "The plain-PyTorch source").
 
     The tensor hook only hands the gradient to the post-accumulate hook, which
     fires when the gradient reaches p.grad: ``torch.autograd.grad`` runs the
@@ -237,7 +205,8 @@ class BackwardHookMoments:
         self._backward = OutermostBackward(self._end_micro_step)
 
     def watch(self, params: Iterable[Tensor], names: Optional[Sequence[Optional[str]]] = None) -> None:
-        """Register the capture hooks on every parameter (also frozen ones: see :func:`requiring_grad`).
+        """Register the capture hooks on every tensor of ``params`` (also frozen ones: see
+        :func:`requiring_grad`); a tensor already watched is skipped.
 
         ``names`` (aligned with ``params``) name the parameters in error messages.
         """
@@ -342,20 +311,24 @@ class BackwardHookMoments:
         return capture
 
     def num_samples(self) -> int:
+        """n: the most micro-steps any parameter has a sample of in this step (0 before the first backward)."""
         counts = [c.count for c in self._captures.values() if c.generation == self._generation]
         return max(counts, default=0)
 
     def sq_sum(self, param: Tensor) -> Optional[Tensor]:
+        """Q of ``param`` in this step (fp32, param's shape), or None if it has no sample."""
         capture = self._current(param)
         return None if capture is None else capture.sq
 
     def sample_sum(self, param: Tensor) -> Optional[Tensor]:
+        """S of ``param`` (fp32, param's shape) for fp16/bf16 parameters; None for fp32/fp64 or without a sample."""
         capture = self._current(param)
         return None if capture is None else capture.sum
 
     def grad_scales(self, params: list[Tensor]) -> list[float]:
-        """||p.grad|| now / at capture (one read of the gradients: in-place rescaling such as
-        GradScaler's unscale kernel need not bump the version counter, so it cannot be skipped)."""
+        """c per tensor of ``params``: ||p.grad|| now / at capture (1.0 where unknown or zero). One read of
+        the gradients: in-place rescaling such as GradScaler's unscale kernel need not bump the version
+        counter, so it cannot be skipped."""
         captured = [self._current(p) for p in params]
         known = [i for i, c in enumerate(captured) if c is not None and c.grad_norm is not None]
         scales = [1.0] * len(params)
@@ -378,6 +351,7 @@ class BackwardHookMoments:
     step_done = reset
 
     def close(self) -> None:
+        """Remove the hooks and forget every parameter."""
         for capture in self._captures.values():
             for handle in capture.handles:
                 handle.remove()
