@@ -1,37 +1,14 @@
 """GSNR samples under torch DistributedDataParallel: a communication hook.
 
-Every rank's every backward pass is a sample: n = world_size x backward
-passes per step (gradient accumulation with ``no_sync()`` included). Each
-rank squares its local micro-batch gradients as they come (the plain
-backward hooks of :mod:`ds_vrgd.capture`); when DDP reduces a gradient
-bucket, :func:`gsnr_allreduce_hook` reduces the bucket's local sums of
-squares with it:
-
-* fp32 gradients: one all-reduce of ``cat([grads, squares])`` (fused, twice
-  the gradient's size);
-* fp16/bf16 gradients: the gradient in its dtype, and the squares with the
-  fp32 sums of the samples (the mean's source, docs/design.md §3) in fp32,
-  two all-reduces launched together.
-
-The gradient is averaged as by DDP's default hook; the squares are summed.
-The hook records ||p.grad|| after the reduction, so a later uniform rescale by
-the user (clipping, GradScaler unscaling) is detected as in plain PyTorch.
-
-The sample rules are those of :mod:`ds_vrgd.capture` (unused parameters,
-checkpointing, ``torch.autograd.grad``). A weight used in several
-reentrant-checkpointed segments needs ``DDP(..., static_graph=True)`` (DDP's
-own requirement); its squared sum is completed before its bucket is reduced.
-A parameter frozen when DDP was built is not averaged by DDP, so unfreezing
-it later raises at its first gradient: rebuild DDP instead.
-
-    model = DDP(model)
-    optimizer = VRLAMB(model.parameters(), lr=...)
-    ds_vrgd.ddp.enable_gsnr(model, optimizer)
-
-(No ``from __future__ import annotations`` here: DDP checks the hook's
-annotations against the real ``dist.GradBucket`` and ``Future`` types.)
+:func:`enable_gsnr` gives a VR optimizer every rank's backward passes as samples: each rank
+squares its micro-batch gradients (:class:`DDPMoments`, the hooks of :mod:`ds_vrgd.capture`) and
+:func:`gsnr_allreduce_hook` reduces the squares together with DDP's gradient buckets. What is
+reduced and what it costs: docs/huggingface.md, "torch DDP"; the sample rules: docs/usage.md,
+"Which gradients are samples".
 """
 
+# No ``from __future__ import annotations`` here: DDP checks the hook's annotations against the
+# real ``dist.GradBucket`` and ``Future`` types.
 
 from typing import Optional
 
@@ -46,7 +23,10 @@ from ds_vrgd.optim import VROptimizer
 
 
 class DDPMoments(BackwardHookMoments):
-    """Backward-pass samples of every rank, reduced by :func:`gsnr_allreduce_hook`."""
+    """Backward-pass samples of every rank, reduced by :func:`gsnr_allreduce_hook`.
+
+    ``process_group``: the ranks DDP reduces over (None: the default group).
+    """
 
     records_grad_norm_after_backward = False
 
@@ -57,6 +37,7 @@ class DDPMoments(BackwardHookMoments):
         self._reduced: set[int] = set()  # captures whose sums hold all ranks' samples (after a reduction)
 
     def num_samples(self) -> int:
+        """n = this rank's backward passes in the step x world size."""
         return super().num_samples() * self.world_size
 
     def grad_scales(self, params: list[Tensor]) -> list[float]:
@@ -88,8 +69,9 @@ class DDPMoments(BackwardHookMoments):
     step_done = reset
 
     def bucket_moments(self, params: list[Tensor], sample_sums: bool) -> Tensor:
-        """[sum numel] fp32 (x2 with ``sample_sums``): this rank's sums of squared samples of the
-        bucket's parameters (then the sums of the samples), pending sums of repeats settled first."""
+        """This rank's sums of squared samples of the bucket's ``params`` (then, with ``sample_sums``,
+        the sums of the samples), flattened in order: fp32 [sum numel] (x2 with ``sample_sums``).
+        Pending sums of repeats are settled first; a parameter without a sample gives zeros."""
         for param in params:
             capture = self._current(param)
             if capture is not None:
@@ -104,7 +86,8 @@ class DDPMoments(BackwardHookMoments):
         return torch.cat(parts)
 
     def store_reduced(self, params: list[Tensor], grads: Tensor, moments: Tensor) -> None:
-        """Write the all-rank moments (of :meth:`bucket_moments`) back and record the reduced gradient norms."""
+        """Write the all-rank ``moments`` (laid out as :meth:`bucket_moments`) back into the buffers of
+        ``params`` and record the norms of the reduced, averaged ``grads`` (the bucket's flat gradient)."""
         start, total = 0, grads.numel()
         for param in params:
             numel = param.numel()
@@ -119,7 +102,11 @@ class DDPMoments(BackwardHookMoments):
 
 
 def gsnr_allreduce_hook(state: DDPMoments, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook: average the gradient bucket and sum its squared samples, together."""
+    """DDP comm hook: average the gradient bucket and sum its squared samples, together.
+
+    ``state``: the source :func:`enable_gsnr` registered; ``bucket``: DDP's. Returns a future of the
+    averaged flat gradient (the bucket's buffer), as DDP's default hook.
+    """
     grads, params = bucket.buffer(), bucket.parameters()
     squares = state.bucket_moments(params, sample_sums=keeps_sample_sum(grads.dtype))
     numel = grads.numel()
@@ -147,7 +134,9 @@ def gsnr_allreduce_hook(state: DDPMoments, bucket: dist.GradBucket) -> torch.fut
 
 
 def enable_gsnr(model: DistributedDataParallel, optimizer: VROptimizer, process_group=None) -> DDPMoments:
-    """Give ``optimizer`` the samples of all ranks of ``model`` (a DDP module); returns the source."""
+    """Give ``optimizer`` (a VR optimizer over ``model``'s parameters) the samples of all ranks of
+    ``model`` (a DDP module) by registering the comm hook; ``process_group`` defaults to DDP's.
+    Returns the :class:`DDPMoments` source. ValueError for a non-DDP model or a non-VR optimizer."""
     if not isinstance(model, DistributedDataParallel):
         raise ValueError(f"enable_gsnr needs a torch DistributedDataParallel model, got {type(model).__name__}")
     if not isinstance(optimizer, VROptimizer):

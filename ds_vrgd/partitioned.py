@@ -1,57 +1,11 @@
 """Second moments for data-parallel training with (optionally) partitioned optimizer state.
 
-This is the moment source the DeepSpeed adapter installs. It knows
-torch.distributed but not DeepSpeed: the adapter describes where every
-parameter's elements live (:class:`OwnedSlice`) and what the optimizer owns.
-
-A micro-step is one ``engine.backward()``: the adapter calls
-:meth:`PartitionedMoments.begin_micro_step` and
-:meth:`PartitionedMoments.end_micro_step` around it, so its boundaries do not
-depend on autograd's graph tasks (reentrant checkpointing runs nested ones).
-Per micro-step, on every rank, a tensor hook on each parameter receives the
-local gradient g of that micro-batch and writes g^2 (fp32) into one half of a
-reduction bucket (a parameter that does not fit is written in chunks). Each
-bucket row holds (g^2, g), both fp32: the fp32 sum of the samples S travels
-with Q, so the mean never comes from the engine's gradient, which is summed
-in an order of its own and, in fp16/bf16, rounded (docs/design.md §3). When the half is
-full it is reduced asynchronously while the hooks fill the other half, so the
-communication overlaps the rest of the backward pass; before a half is
-refilled, and at the end of the micro-step, its reduction is waited for. The
-reduction follows the gradient's path:
-
-* partitioned (ZeRO 1/2): the slice destined to rank r is ``reduce``-d to r
-  (one collective per destination rank present in the bucket, the pattern
-  DeepSpeed's own ``average_tensor`` uses), and r adds it into its fp32
-  buffer Q of its partition's size;
-* replicated (ZeRO 0): the bucket is all-reduced and every rank adds it into
-  Q of the full parameter.
-
-So after a step's micro-steps, Q = sum over ranks and micro-batches of g^2 for
-exactly the elements this rank's optimizer updates, and n = world_size x
-micro-steps. Extra memory: Q and S (partition-sized, fp32) plus one fp32
-bucket (the two halves), and a copy of a half's slices for one destination
-when they are not adjacent in it.
-
-Sample rules (as in :mod:`ds_vrgd.capture`):
-
-* a parameter unused by a micro-batch contributes a zero sample;
-* a weight used in several reentrant-checkpointed segments gets several
-  gradients in one micro-step, and the sample is their sum
-  (:class:`~ds_vrgd.capture.MicroStepSum`): with ``local_grad`` (ZeRO 0/1,
-  whose accumulated gradient it reads) the square is completed and later
-  micro-steps keep a full-size fp32 pending sum for that weight; without it
-  (ZeRO 2, where DeepSpeed itself refuses a second reduction) it raises;
-* a hook outside ``engine.backward`` is ignored (``torch.autograd.grad``, e.g.
-  a gradient penalty: no sample), but a gradient accumulated into a parameter
-  there (a direct ``loss.backward()``) raises: call ``engine.backward(loss)``;
-* every layer's parameter is hooked, also one frozen now and unfrozen later.
-
-Collectives use their own process group (a clone of the data-parallel group)
-so they never interleave with the engine's own on one communicator.
-
-The layout side (:meth:`pieces`, :meth:`table`) cuts every owned tensor into
-per-layer pieces and sums per-layer partial vectors over the group, so GSNR
-layer means and LARS/LAMB norms are exact even for a layer split across ranks.
+:class:`PartitionedMoments` is the moment source and layout the DeepSpeed adapter installs. It
+knows torch.distributed, not DeepSpeed: the adapter describes every parameter (:class:`Layer`)
+and where its elements are owned (:class:`OwnedSlice`), and brackets each ``engine.backward()``
+with :meth:`~PartitionedMoments.begin_micro_step` and :meth:`~PartitionedMoments.end_micro_step`.
+The bucket and its reductions: docs/deepspeed.md, "How the second moment travels"; the sample
+rules: docs/usage.md, "Which gradients are samples"; the per-layer sums: docs/design.md §4.
 """
 
 from __future__ import annotations
@@ -118,13 +72,16 @@ class _Entry:
 
 
 class PartitionedMoments:
-    """Moment source and piece layout for data parallelism (see module docstring)."""
+    """Moment source and piece layout for data parallelism (docs/deepspeed.md, "How the second moment travels")."""
 
     def __init__(
         self, layers: list[Layer], process_group, bucket_numel: int, comm_device: torch.device, capture: bool = True,
         local_grad: Optional[Callable[[Tensor], Optional[Tensor]]] = None, tensor_parallel_group=None,
     ):
-        """``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off.
+        """``layers``: every model parameter the optimizer steps, in a fixed order (the layer index of
+        :class:`~ds_vrgd.layout.Piece`). ``process_group``: the data-parallel ranks, whose samples are
+        reduced (a group of the caller's own, so its collectives never interleave with the engine's).
+        ``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off.
 
         ``bucket_numel``: fp32 elements of the bucket (both halves, (g^2, g) rows).
         ``comm_device``: where the bucket lives and collectives run (the accelerator; under
@@ -132,7 +89,8 @@ class PartitionedMoments:
         ``tensor_parallel_group``: the ranks holding the other shards of ``sharded`` layers (their
         per-layer sums add up over it); None without tensor parallelism.
         ``local_grad(param)``: this rank's gradient of param accumulated so far in the step (None if
-        none), where the engine keeps it; given, a weight may receive several gradients per micro-step.
+        none), where the engine keeps it (ZeRO 0/1); given, a weight may receive several gradients per
+        micro-step, else a second one raises.
         """
         self.layers = layers
         self.group = process_group
@@ -307,18 +265,21 @@ class PartitionedMoments:
         return sum(owner.numel() for owner in self._owners.values())
 
     def buffer_numel(self) -> dict:
-        """Extra fp32 elements held: the Q and S buffers and the reduction bucket."""
+        """Extra fp32 elements held: ``{"sq": Q and S buffers, "bucket": both halves}``."""
         held = sum(b.numel() for b in self._sq.values()) + sum(b.numel() for b in self._sum.values())
         return {"sq": held, "bucket": sum(h.numel() for h in self._halves)}
 
     # -------------------------------------------------- MomentSource protocol
     def num_samples(self) -> int:
+        """n = micro-steps in this step x data-parallel world size."""
         return self._micro_steps * self.world_size
 
     def sq_sum(self, param: Tensor) -> Optional[Tensor]:
+        """Q of an owned tensor (fp32, its shape; all ranks' samples of its elements), or None."""
         return self._sq.get(id(param)) if self._micro_steps else None
 
     def sample_sum(self, param: Tensor) -> Optional[Tensor]:
+        """S of an owned tensor (fp32, its shape), kept in every precision, or None."""
         return self._sum.get(id(param)) if self._micro_steps else None
 
     def grad_scales(self, params: list[Tensor]) -> list[float]:
@@ -330,19 +291,21 @@ class PartitionedMoments:
         """One param group stepped; the engine calls :meth:`reset` after the whole step."""
 
     def reset(self) -> None:
+        """New step: zero Q and S and forget the micro-steps."""
         for buffer in (*self._sq.values(), *self._sum.values()):
             buffer.zero_()
         self._entries, self._used, self._micro_steps = [], 0, 0
         self._in_micro_step, self._held = False, []
 
     def close(self) -> None:
+        """Remove the hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
     # ------------------------------------------------------------- layout
     def pieces(self, owners: list[Tensor]) -> list[Piece]:
-        """Every owned tensor cut at layer boundaries, in layer order."""
+        """``owners`` (tensors this rank's optimizer updates) cut at layer boundaries into pieces, in layer order."""
         wanted = {id(owner) for owner in owners}
         return [
             Piece(s.owner, s.owner_offset, s.numel, i)
@@ -352,6 +315,7 @@ class PartitionedMoments:
         ]
 
     def table(self, pieces: list[Piece]) -> gsnr.LayerTable:
+        """All layers (whole sizes) for ``pieces``, with the cross-rank reduce where layers are split."""
         return gsnr.LayerTable(
             piece_layer=[piece.layer for piece in pieces],
             layer_numel=[layer.numel for layer in self.layers],
