@@ -1,14 +1,9 @@
 """ds_vrgd: VRGD (GSNR-scaled) optimizers for PyTorch and DeepSpeed.
 
-``from ds_vrgd.optim import VRLAMB`` gives the optimizers (:mod:`ds_vrgd.optim`).
-``import ds_vrgd`` also registers VRSGD, VRAdam, VRAdamW, VRLARS and VRLAMB as
-ds_config optimizer types (:func:`ds_vrgd.deepspeed.register`): at once if
-DeepSpeed is already imported, else right after DeepSpeed is first imported,
-by an import hook (a ``sys.meta_path`` finder). The hook stays because it lets
-``import ds_vrgd`` come before or after ``import deepspeed`` (Trainer,
-accelerate and launch scripts import DeepSpeed when they choose) without
-importing DeepSpeed eagerly (plain-PyTorch users do not pay for it).
-``ds_vrgd.initialize`` is a drop-in for ``deepspeed.initialize``.
+``from ds_vrgd.optim import VRLAMB`` gives the optimizers (:mod:`ds_vrgd.optim`). ``import ds_vrgd``
+also registers them as ds_config optimizer types (:func:`ds_vrgd.deepspeed.register`), at once or,
+by an import hook, right after DeepSpeed's first import; ``ds_vrgd.initialize`` is a drop-in for
+``deepspeed.initialize``. Why the hook: docs/deepspeed.md, "Registration and the ds_config".
 """
 
 import importlib.abc
@@ -69,7 +64,7 @@ class _RegisterAfterDeepSpeedImport(importlib.abc.MetaPathFinder):
 
 
 def initialize(*args, **kwargs):
-    """Drop-in for ``deepspeed.initialize`` with the VR optimizer types registered."""
+    """Drop-in for ``deepspeed.initialize`` (same arguments and return value) with the VR types registered."""
     from ds_vrgd.deepspeed import initialize as ds_initialize
 
     return ds_initialize(*args, **kwargs)

@@ -1,15 +1,10 @@
 """Element-wise ops on lists of tensors: ``torch._foreach_*`` or a per-tensor loop.
 
-The update rules and the GSNR transform are written once against
-:class:`ListOps`. ``ListOps(foreach=True)`` sends every call to the fused
-multi-tensor kernel (one launch per list on an accelerator, whose caching
-allocator makes temporaries cheap); ``foreach=False`` loops over the tensors
-with the ordinary methods and takes its temporaries from a :class:`Scratch`
-pool (on CPU a fresh allocation is fresh pages, and faulting them in costs
-more than the op). Both give the same numbers.
-
-An argument named ``scalars`` may be one number or one number per tensor.
-Reductions return a 1-D fp32 tensor with one value per list entry.
+The update rules and the GSNR transform are written once against :class:`ListOps`: ``foreach=True``
+sends each call to the multi-tensor kernel (an accelerator's caching allocator makes its temporaries
+cheap), ``foreach=False`` loops with the ordinary methods and takes temporaries from a :class:`Scratch`
+pool (why: docs/design.md §4, "How a step runs"); both give the same numbers. ``scalars`` arguments
+take one number or one per tensor; reductions return a 1-D fp32 tensor, one value per list entry.
 """
 
 from __future__ import annotations
@@ -54,6 +49,7 @@ class Scratch:
         self._cursor: dict[tuple, tuple[int, int]] = {}  # key -> (chunk index, elements used in it)
 
     def reset(self) -> None:
+        """Make every chunk available again."""
         self._cursor.clear()
 
     def take(self, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -70,6 +66,7 @@ class Scratch:
         return chunks[index].narrow(0, used, numel).view(like.shape)
 
     def like(self, xs: TensorList, dtype: torch.dtype | None = None) -> TensorList:
+        """:meth:`take` for each tensor of ``xs``."""
         return [self.take(x, dtype) for x in xs]
 
 

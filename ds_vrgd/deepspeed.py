@@ -1,21 +1,10 @@
 """DeepSpeed adapter: the only module that touches DeepSpeed internals.
 
-* Registration (:func:`register`; when it runs: :mod:`ds_vrgd`): a ds_config may
-  name ``"optimizer": {"type": "VRLAMB", "params": {...}}`` (VRSGD, VRAdam,
-  VRAdamW, VRLARS, VRLAMB; any case, surrounding spaces ignored) and plain
-  ``deepspeed.initialize`` builds it; the types count as ZeRO-supported, so
-  no ``zero_allow_untested_optimizer`` is needed.
-* Attachment (after the engine wrapped the optimizer): the VR optimizer gets a
-  :class:`~ds_vrgd.partitioned.PartitionedMoments` source and layout built
-  from the engine's flat ZeRO partitions (stages 1, 2; the fp32 sub-groups at stage 3) or the replicated
-  parameters (stage 0, fp32); the samples carry their own fp32 sums (so the
-  engine's rescaling, fp16 unscale and clipping, never reaches rho), they are
-  dropped after every optimizer step (applied or skipped for fp16 overflow),
-  and GSNR statistics go to the engine's monitor.
-
-Every DeepSpeed internal patched or read is in :data:`DEEPSPEED_INTERNALS`,
-checked at import by :func:`check_internals`, as is the version
-(:data:`SUPPORTED_DEEPSPEED`, :func:`check_version`).
+:func:`register` (run on import; when: :mod:`ds_vrgd`) lets a ds_config name the VR types and plain
+``deepspeed.initialize`` build them; :func:`attach` then gives the engine's VR optimizer a
+:class:`~ds_vrgd.partitioned.PartitionedMoments` source over its ZeRO partitions. Every internal
+patched or read is in :data:`DEEPSPEED_INTERNALS`, checked at import with the version
+(:func:`check_internals`, :func:`check_version`). Behaviour and limits: docs/deepspeed.md.
 """
 
 from __future__ import annotations
@@ -94,7 +83,7 @@ def _supported() -> str:
 
 
 def check_version(version: str = deepspeed.__version__) -> None:
-    """Raise ImportError unless DeepSpeed's version is in the supported range."""
+    """Raise ImportError unless ``version`` (default: the installed DeepSpeed's) is in :data:`SUPPORTED_DEEPSPEED`."""
     low, high = SUPPORTED_DEEPSPEED
     if not low <= Version(Version(version).base_version) < high:
         raise ImportError(
@@ -172,8 +161,9 @@ def unknown_optimizer_type(name: Any) -> ValueError:
 
 
 def build_optimizer(name: str, model_parameters: Any, params: Optional[dict]) -> VROptimizer:
-    """The VR optimizer named in a ds_config (see :func:`vr_optimizer_class`), from its ``params``
-    (validated by the optimizer); ValueError for an unknown name or a misplaced key."""
+    """The VR optimizer ``name``d in a ds_config (see :func:`vr_optimizer_class`) over ``model_parameters``,
+    from its ``params`` (validated by the optimizer; "auto" values other than lr take the defaults, with a
+    warning). ValueError for an unknown name, ``"lr": "auto"`` or a misplaced key."""
     cls = vr_optimizer_class(name)
     if cls is None:
         raise unknown_optimizer_type(name)
@@ -357,7 +347,12 @@ def _one_micro_step(source: PartitionedMoments, backward: Callable) -> Callable:
 
 
 def attach(engine: DeepSpeedEngine) -> None:
-    """Connect the engine's VR optimizer to the ZeRO partitions (see module docstring)."""
+    """Connect ``engine.basic_optimizer`` (a VR optimizer) to the engine's ZeRO partitions.
+
+    Installs a :class:`~ds_vrgd.partitioned.PartitionedMoments` source and layout, makes each
+    ``engine.backward`` call one micro-step, drops the samples and writes the monitor after every
+    model step, and sets ``engine.vr_optimizer``. ValueError for a setting it cannot run under.
+    """
     optimizer: VROptimizer = engine.basic_optimizer
     _reject_unsupported(engine, optimizer)
     names, wrapper = _names(engine), engine.optimizer
@@ -465,7 +460,7 @@ def register() -> None:
 
 
 def initialize(*args, **kwargs):
-    """Drop-in for ``deepspeed.initialize`` that makes sure the VR types are registered."""
+    """Drop-in for ``deepspeed.initialize`` (same arguments and return value) with the VR types registered."""
     register()
     return deepspeed.initialize(*args, **kwargs)
 

@@ -1,31 +1,10 @@
 """Hugging Face Trainer helpers: GSNR samples across ranks and GSNR logs; none of the math.
 
-One line after building the Trainer::
-
-    trainer = Trainer(model=model, args=args, ...)
-    ds_vrgd.hf.add_gsnr(trainer)
-    trainer.train()
-
-:func:`add_gsnr` checks the optimizer choice at once (:func:`check_optimizer_choice`)
-and puts :class:`GsnrCallback` first among the Trainer's callbacks. At train
-begin the callback finds the VR optimizer and, when Trainer wrapped the model
-in torch DDP (``accelerate launch`` / ``torchrun`` without DeepSpeed),
-installs the comm hook of :func:`ds_vrgd.ddp.enable_gsnr`, so that
-n = world_size x gradient_accumulation_steps. Under DeepSpeed the ds_config
-adapter already collects every rank's samples, and a single process needs
-nothing (each accumulation micro-batch is a backward pass the optimizer
-sees). At every training log the callback adds ``gsnr_mean``,
-``gsnr_frac_low``, ``gsnr_frac_high``, ``gsnr_n`` and ``b_simple`` (one
-sample = ``per_device_train_batch_size`` examples) of the last optimizer
-step, before the reporting callbacks (TensorBoard, W&B) see the log, and to
-``trainer.state.log_history``.
-
-Choosing a VR optimizer: with DeepSpeed, name it in the ds_config
-(``"optimizer": {"type": "VRLAMB", ...}``; ``import ds_vrgd`` registers the
-types) or remove the ds_config's optimizer section and pass
-``optimizer_cls_and_kwargs``; without DeepSpeed,
-``Trainer(optimizer_cls_and_kwargs=(VRLAMB, {...}))`` (Trainer builds its
-weight-decay / no-decay param groups) or ``optimizers=(VRLAMB(...), None)``.
+``ds_vrgd.hf.add_gsnr(trainer)``, after building the Trainer, checks the optimizer choice
+(:func:`check_optimizer_choice`) and puts :class:`GsnrCallback` first among its callbacks: at
+train begin it installs the comm hook of :func:`ds_vrgd.ddp.enable_gsnr` where Trainer wrapped
+the model in torch DDP, and it adds the GSNR statistics to every training log. Choosing the VR
+optimizer, the logs and the errors: docs/huggingface.md.
 """
 
 from __future__ import annotations
@@ -65,7 +44,10 @@ def find_vr_optimizer(optimizer=None, model=None) -> Optional[VROptimizer]:
 
 
 def gsnr_logs(optimizer: VROptimizer, micro_batch_size: Optional[int]) -> dict[str, float]:
-    """The last step's GSNR statistics under :data:`ds_vrgd.gsnr.LOG_FIELDS` ({} before a step with n >= 2)."""
+    """The last step's GSNR statistics under :data:`ds_vrgd.gsnr.LOG_FIELDS` ({} before a step with n >= 2).
+
+    ``micro_batch_size``: examples per sample, for ``b_simple`` (None: the optimizer's own, else no ``b_simple``).
+    """
     stats = optimizer.gsnr_stats(micro_batch_size)
     if stats["n"] < 2:
         return {}
@@ -139,7 +121,8 @@ def check_optimizer_choice(trainer: Trainer) -> None:
 class GsnrCallback(TrainerCallback):
     """Sets up the GSNR samples at train begin and adds the statistics to every training log.
 
-    Must come before the reporting callbacks (:func:`add_gsnr` puts it first).
+    ``trainer``: the Trainer it serves. Must come before the reporting callbacks (:func:`add_gsnr`
+    puts it first).
     """
 
     def __init__(self, trainer: Trainer):
@@ -148,7 +131,10 @@ class GsnrCallback(TrainerCallback):
         self._hooked: Optional[DistributedDataParallel] = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """Find the VR optimizer; on torch DDP install the comm hook that reduces the squared samples."""
+        """Find the VR optimizer; on torch DDP install the comm hook that reduces the squared samples.
+
+        ValueError if Trainer built a non-VR optimizer, or several processes run on neither DDP nor DeepSpeed.
+        """
         wrapped = self.trainer.model_wrapped
         self.optimizer = find_vr_optimizer(self.trainer.optimizer, wrapped)
         if self.optimizer is None:
@@ -175,7 +161,11 @@ class GsnrCallback(TrainerCallback):
 
 
 def add_gsnr(trainer: Trainer) -> GsnrCallback:
-    """Check the optimizer choice, give ``trainer`` GSNR samples across ranks and GSNR logs; returns the callback."""
+    """Check the optimizer choice, give ``trainer`` GSNR samples across ranks and GSNR logs.
+
+    Returns the :class:`GsnrCallback` (the one already added, on a second call). ValueError naming the fix
+    when ``trainer`` would not train with a VR optimizer (docs/huggingface.md, "Errors").
+    """
     check_optimizer_choice(trainer)
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, GsnrCallback):

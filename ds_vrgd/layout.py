@@ -1,12 +1,10 @@
 """Layouts: which pieces of the optimizer's tensors belong to which model layer.
 
-The optimizer updates *pieces*, each a view of one tensor it owns that lies
-inside one model layer (docs/design.md §4). A :class:`Layout` cuts the owned
-tensors into pieces and describes the layers (:class:`ds_vrgd.gsnr.LayerTable`,
-with a cross-rank reduce where layers are split over ranks). In plain PyTorch
-each parameter is one layer (:class:`WholeParamLayout`); the DeepSpeed source
-(:class:`ds_vrgd.partitioned.PartitionedMoments`) is the layout of ZeRO
-partitions and tensor-parallel shards.
+The optimizer updates *pieces* (:class:`Piece`), each a view of one tensor it owns lying inside
+one model layer; a :class:`Layout` cuts the owned tensors into pieces and describes the layers
+(:class:`ds_vrgd.gsnr.LayerTable`). Plain PyTorch: :class:`WholeParamLayout`, one layer per
+parameter; DeepSpeed: :class:`ds_vrgd.partitioned.PartitionedMoments` (ZeRO partitions,
+tensor-parallel shards). Per-layer sums across ranks: docs/design.md §4.
 """
 
 from __future__ import annotations
@@ -69,10 +67,12 @@ class WholeParamLayout:
         return [(name or f"param_{i}", p) for i, (name, p) in enumerate(named)]
 
     def pieces(self, params: list[Tensor]) -> list[Piece]:
+        """One whole piece per tensor of ``params`` (parameters of the optimizer), in that order."""
         index = {id(p): i for i, (_, p) in enumerate(self._params())}
         return [Piece(p, 0, p.numel(), index[id(p)]) for p in params]
 
     def table(self, pieces: list[Piece]) -> gsnr.LayerTable:
+        """Every parameter of the optimizer as a layer; no cross-rank reduce."""
         named = self._params()
         return gsnr.LayerTable(
             piece_layer=[piece.layer for piece in pieces],
