@@ -1,41 +1,10 @@
 """GSNR math on lists of tensor pieces: moments -> bounded factor rho, statistics.
 
-This module knows no optimizer and no DeepSpeed. Its inputs are *pieces*:
-tensors that each belong to one *layer* (one parameter tensor W of the
-model). A piece is a whole parameter, a cache-sized tile of one, or the slice
-of a parameter that lies in this rank's ZeRO partition. A :class:`LayerTable`
-says which layer each piece belongs to, how many elements each layer has in
-total, and how to sum a small per-layer vector across ranks, so per-layer
-quantities are exact even when a layer is split between ranks.
-
-For one layer with J elements and n gradient samples g^(1..n) (docs/design.md §2-3)::
-
-    m_j   = (1/n) sum_i g_j^(i)                 mean
-    s_j   = (1/n) sum_i (g_j^(i))^2             second moment
-    v_j   = max(s_j - m_j^2, 0)                 variance
-    r_j   = min(m_j^2 / (v_j + eps_gsnr), gsnr_max)   GSNR, capped
-    q_j   = r_j / mean_k(r_k)                   layer-normalised (1 if mean_k r_k = 0)
-    rho_j = clamp(q_j, max(0, 1 - gamma), 1 + gamma)
-
-Inputs are the *sums* G = c * sum_i g^(i) (the fp32 gradient as the
-optimizer sees it, up to a known scale c: loss scale, 1/world_size, clipping;
-or, for low-precision gradients, the fp32 sum of the samples with c = 1) and
-Q = sum_i (g^(i))^2 (fp32) at the scale of the samples. With a = 1 / (c n), m = a G
-and s = Q / n, so any common scaling of the samples cancels in r, as it must.
-
-The computation runs in two phases around one cross-rank reduction:
-
-1. :func:`gsnr_ratio` (element-wise, per piece): with z = n a^2,
-   ``r / z = G^2 / (max(Q - z G^2, 0) + n eps)``, written over Q, and
-   per-piece partial sums;
-2. the caller sums the partials per layer (:meth:`LayerTable.layer_sums`),
-   then :func:`bound_factor_` turns r / z into rho in place with one scalar
-   per piece, z / mean_k(r_k), and counts the elements at the bounds.
-
-The cap ``gsnr_max`` keeps r within what fp32 sums resolve (s - m^2 cancels
-for elements whose samples nearly agree); without it (None) an element with a
-rounded v = 0 gets r = m^2 / eps_gsnr and sets its layer's mean. A layer whose
-sum of r is not finite or is 0 gets q = 1.
+It knows no optimizer and no DeepSpeed. A *piece* is a tensor inside one *layer* (a parameter W): a
+whole parameter, a tile, or a ZeRO partition's slice; a :class:`LayerTable` maps pieces to layers and
+sums per-layer vectors across ranks, so per-layer quantities stay exact. Phase 1 :func:`gsnr_ratio`,
+then per-layer sums, then phase 2 :func:`bound_factor_`. The math: docs/design.md §2; the estimator's
+numerics (the sums G and Q, the cap ``gsnr_max``, z = n a^2): docs/design.md §3.
 """
 
 from __future__ import annotations
@@ -55,9 +24,8 @@ GSNR_MAX = 1e3
 Reduce = Callable[[Tensor], None]
 """In-place SUM of a small fp32 tensor across the ranks that share the layers."""
 
-# Rows of the per-piece partial sums of :func:`gsnr_ratio`.
-SUM_R, SUM_M2, SUM_V, GRAD_SQ, AT_CAP = 0, 1, 2, 3, 4
-PARTIAL_ROWS = 5
+PARTIAL_ROWS = ("sum_r", "sum_m2", "sum_v", "grad_sq", "at_cap")
+"""Row names of :attr:`GsnrRatio.partial`: per-piece sums of r, m^2, v, G^2 and of the elements at the cap."""
 
 
 @dataclass
@@ -107,8 +75,8 @@ class GsnrRatio:
 
     ratio:   [P] fp32 tensors r / z (the Q buffers, overwritten; :func:`bound_factor_` turns them into rho).
     scale:   [P] z = n a^2 of each piece, so that r = z * ratio.
-    partial: [5, P] per-piece sums of r, m^2, v, G^2 and the count of elements at the cap
-             (rows SUM_R, SUM_M2, SUM_V, GRAD_SQ, AT_CAP).
+    partial: [5, P] per-piece sums, rows :data:`PARTIAL_ROWS`: r, m^2, v, G^2 and the count of
+             elements at the cap.
     """
 
     ratio: TensorList
@@ -233,7 +201,7 @@ def rho_from_moments(
     """
     ops = ListOps(foreach=False)
     phase1 = gsnr_ratio([mean.float()], [second_moment.float().clone()], [1.0], 1, eps_gsnr, gsnr_max, ops)
-    normaliser = layer_normalisers([phase1.partial[SUM_R, 0].item()], [mean.numel()])[0]
+    normaliser = layer_normalisers([phase1.partial[PARTIAL_ROWS.index("sum_r"), 0].item()], [mean.numel()])[0]
     scale = None if normaliser is None else phase1.scale[0] * normaliser
     bound_factor_(phase1.ratio, [scale], gamma, ops)
     return phase1.ratio[0]

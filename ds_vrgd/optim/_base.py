@@ -1,50 +1,19 @@
 """The shared VR optimizer: the GSNR factor in front of a base update rule.
 
-:class:`VROptimizer` does everything that is common to VR-SGD, VR-Adam(W),
-VR-LARS and VR-LAMB: validation, sample capture, the GSNR factor rho
-(:mod:`ds_vrgd.gsnr`), warmup/EMA of the factor, the non-finite guard,
-statistics, state and the order of work. A subclass only writes its base
-rule, given a :class:`Block` of its pieces and rho (None means rho = 1):
-
-* :meth:`VROptimizer._direction`: the whole update for SGD and Adam(W); for
-  LARS/LAMB (``uses_layer_norms = True``) the update direction, left in
-  ``block.update``;
-* :meth:`VROptimizer._apply` and :meth:`VROptimizer._trust_ratio` (LARS/LAMB
-  only): finish with the per-layer trust ratio from ||W|| and ||update||.
-
-Pieces: the optimizer updates *pieces* of the tensors it owns, each inside
-one model layer; a :class:`ds_vrgd.layout.Layout` cuts them (one per
-parameter in plain PyTorch; ZeRO partitions and tensor-parallel shards under
-DeepSpeed, with a cross-rank reduce, so per-layer sums stay exact). Options
-and their validation: :mod:`ds_vrgd.optim.options`.
-
-Order of one ``step()`` (all param groups together)::
-
-    phase 1, per block:   GSNR ratio and partial sums [5, P]        (gsnr.gsnr_ratio)
-    reduction 1:          per-layer sums, one small all-reduce       -> skip if any grad is inf/NaN
-    phase 2, per block:   rho = clamp(q) and bound counts (gsnr.bound_factor_), then the
-                          rule's _direction with rho (+ ||W||^2, ||update||^2 for LARS/LAMB)
-    reduction 2:          bound counts and layer norms [4, P], if GSNR or LARS/LAMB
-    phase 3, per block:   LARS/LAMB _apply with the trust ratios
-
-Blocks: on CPU the pieces are cut into tiles of at most :data:`CPU_TILE_NUMEL`
-elements and each phase runs block by block, so the chain of element-wise
-ops of a block works on tensors that stay in cache (about 2x faster than one
-pass per op over the whole model). On accelerators a param group is one
-block and every op is one multi-tensor (``foreach``) launch.
-
-Non-finite gradients: if any gradient element of the step is inf/NaN, the
-whole step is skipped (parameters, moments and step counts unchanged), a
-RuntimeWarning is issued and ``skipped_steps`` is incremented. The check
-costs one host sync per step; its norms come from the passes above.
+:class:`VROptimizer` does what VR-SGD, VR-Adam(W), VR-LARS and VR-LAMB share
+(capture, the factor rho of :mod:`ds_vrgd.gsnr`, the non-finite guard,
+statistics, state); a subclass writes only its rule (:meth:`VROptimizer._direction`,
+and for LARS/LAMB :meth:`VROptimizer._apply`). The three phases of a step and
+their two per-layer reductions: docs/design.md §4, "How a step runs".
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -54,45 +23,74 @@ from ds_vrgd import gsnr
 from ds_vrgd._tensor_lists import ListOps, Scratch, TensorList
 from ds_vrgd.capture import BackwardHookMoments, MomentSource
 from ds_vrgd.layout import Layout, Piece, WholeParamLayout
-from ds_vrgd.optim.options import VR_DEFAULTS, validate_vr_options
+from ds_vrgd.optim.options import VR_DEFAULTS, split_vr_options, validate_vr_options
 
 CPU_TILE_NUMEL = 1 << 20
 """Elements per block on CPU: 4 MiB of fp32 per tensor, so the handful of tensors a block's chain of
 ops touches stays in a 32 MiB L3; measured on BERT-base, 2^20-2^21 beat 2^18 (per-op overhead) and
 2^22 (cache misses)."""
 
-# Rows of reduction 1 besides gsnr's: the element count of GSNR layers.
-NUMEL = gsnr.PARTIAL_ROWS
-# Rows of reduction 2.
-AT_LOW, AT_HIGH, WEIGHT_SQ, UPDATE_SQ = 0, 1, 2, 3
+FIRST_ROWS = gsnr.PARTIAL_ROWS + ("numel",)
+"""Rows of reduction 1: gsnr's partial sums and the element count of the layers with GSNR."""
+SECOND_ROWS = ("at_low", "at_high", "weight_sq", "update_sq")
+"""Rows of reduction 2: elements at the bounds of rho, and for LARS/LAMB ||W||^2 and ||update||^2."""
+
+
+class PieceSums:
+    """Per-piece partial sums [K, P] with named rows, filled by phase and summed per layer in one call."""
+
+    def __init__(self, rows: Sequence[str], table: gsnr.LayerTable, device: torch.device):
+        self.rows = tuple(rows)
+        self.table = table
+        self.values = torch.zeros(len(self.rows), len(table.piece_layer), device=device)
+
+    def put(self, columns: slice, **rows: Tensor) -> None:
+        """Each named row's values [len(columns)] into the given piece columns."""
+        for name, values in rows.items():
+            self.values[self.rows.index(name), columns] = values
+
+    def layer_sums(self) -> "LayerSums":
+        """The per-layer sums over all ranks (:meth:`gsnr.LayerTable.layer_sums`)."""
+        return LayerSums(self.rows, self.table.layer_sums(self.values))
+
+
+class LayerSums:
+    """Per-layer sums [K, L] of one reduction, read by row name as [L] floats."""
+
+    def __init__(self, rows: tuple[str, ...], sums: Tensor):
+        self.rows = rows
+        self.sums = sums
+
+    @functools.cached_property
+    def _values(self) -> list[list[float]]:
+        return self.sums.tolist()  # one host sync for all rows
+
+    def __getitem__(self, row: str) -> list[float]:
+        return self._values[self.rows.index(row)]
+
+    def sqrt(self, row: str) -> list[float]:
+        """The square roots of a row (fp32, as the sums)."""
+        return self.sums[self.rows.index(row)].sqrt().tolist()
 
 
 class Block:
     """Consecutive pieces of one param group that are processed together.
 
-    ``first`` is the index of the block's first piece in the step's layer
-    table. ``rho`` holds the GSNR ratio after phase 1 and rho after phase 2;
-    ``update`` is where a LARS/LAMB rule leaves its direction for phase 3.
+    ``columns`` is the block's slice of the step's layer table. ``steps`` holds
+    each piece's step count t of this step (its count after the step).
     """
 
     def __init__(self, state: dict, pieces: list[Piece], first: int, table: gsnr.LayerTable):
         self.pieces = pieces
-        self.first = first
+        self.columns = slice(first, first + len(pieces))
         self.params: TensorList = [piece.of(piece.owner) for piece in pieces]
         self.grads: TensorList = [piece.of(piece.owner.grad) for piece in pieces]
-        self.steps: list[int] = [int(state[piece.owner]["step"]) for piece in pieces]
+        self.steps: list[int] = [int(state[piece.owner]["step"]) + 1 for piece in pieces]
         self.is_matrix: list[bool] = [table.layer_ndim[piece.layer] > 1 for piece in pieces]
-        self.rho: Optional[gsnr.GsnrRatio] = None
-        self.update: Optional[TensorList] = None
         self._state = state
 
     def __len__(self) -> int:
         return len(self.pieces)
-
-    @property
-    def columns(self) -> slice:
-        """The block's pieces as a slice of the step's layer table (columns of the [K, P] sums)."""
-        return slice(self.first, self.first + len(self.pieces))
 
     def state(self, key: str, dtype: Optional[torch.dtype] = None) -> TensorList:
         """Views of the per-element state ``key`` (created as zeros like the owner)."""
@@ -109,20 +107,27 @@ class Block:
         return [i for i, is_matrix in enumerate(self.is_matrix) if is_matrix or not exclude_1d]
 
 
-@dataclass
+@dataclass(frozen=True)
 class GroupStep:
-    """One param group's part of a step."""
+    """One param group's part of a step: its blocks, its list ops and whether GSNR is on this step."""
 
     group: dict
     blocks: list[Block]
     ops: ListOps
-    gsnr: bool = False
-    ema_steps: dict[int, int] = field(default_factory=dict)
+    gsnr: bool
 
-    def begin_block(self) -> None:
-        """The previous block's temporaries are dead: reuse their scratch memory."""
-        if self.ops.scratch is not None:
-            self.ops.scratch.reset()
+    def each_block(self) -> Iterable[Block]:
+        """The blocks in order; a block's temporaries are dead when the next starts, so scratch is reused."""
+        for block in self.blocks:
+            if self.ops.scratch is not None:
+                self.ops.scratch.reset()
+            yield block
+
+
+Ratios = list[list[Optional[gsnr.GsnrRatio]]]
+"""Phase 1's result per group and block: the GSNR ratio, or None where GSNR is off."""
+Updates = list[list[Optional[TensorList]]]
+"""Phase 2's result per group and block: the LARS/LAMB direction that phase 3 applies (else None)."""
 
 
 def trust_ratio(weight_norm: float, update_norm: float, coefficient: float = 1.0, max_ratio: float = math.inf) -> float:
@@ -133,13 +138,21 @@ def trust_ratio(weight_norm: float, update_norm: float, coefficient: float = 1.0
 
 
 class VROptimizer(Optimizer):
-    """Base class of the VR optimizers (see module docstring)."""
+    """Base class of the VR optimizers: a torch Optimizer whose step scales the rule's update by rho.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer (a group may override any option).
+        defaults: the rule's own options (lr, betas, ...).
+        foreach: multi-tensor kernels; None = on for accelerators, off on CPU (which runs in tiles).
+        vr_options: the shared keyword options, :class:`ds_vrgd.optim.options.VROptions`.
+    Raises ValueError naming the option for an unknown name or a bad value.
+    """
 
     uses_layer_norms = False
     """True for rules that need per-layer ||W|| and ||update|| (LARS, LAMB): phase 3 runs."""
 
-    def __init__(self, params: Iterable, defaults: dict, foreach: Optional[bool] = None):
-        defaults = dict(defaults, foreach=foreach)
+    def __init__(self, params: Iterable, defaults: dict, foreach: Optional[bool], vr_options: dict):
+        defaults = {**defaults, **split_vr_options(type(self), vr_options), "foreach": foreach}
         self._validate(defaults)
         self._moments: MomentSource = BackwardHookMoments()
         super().__init__(params, defaults)
@@ -199,11 +212,12 @@ class VROptimizer(Optimizer):
                 group.setdefault(key, value)
 
     # ----------------------------------------------------- the base rule API
-    def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> None:
+    def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> Optional[TensorList]:
         """Phase 2: the rule's update of ``block`` with the element-wise factor rho (None = 1).
 
-        Rules with ``uses_layer_norms`` leave their direction in ``block.update``
-        instead of changing the parameters.
+        Returns None after updating the parameters (SGD, Adam), or, for rules
+        with ``uses_layer_norms``, the update direction, which phase 3 applies
+        with the layer's trust ratio (the parameters are not changed yet).
         """
         raise NotImplementedError
 
@@ -211,8 +225,8 @@ class VROptimizer(Optimizer):
         """LARS/LAMB: the trust ratio of a layer with ndim > 1 (see :func:`trust_ratio`)."""
         raise NotImplementedError
 
-    def _apply(self, group: dict, block: Block, trust: list[float], ops: ListOps) -> None:
-        """Phase 3 (LARS/LAMB): finish the update with one trust ratio per piece."""
+    def _apply(self, group: dict, block: Block, update: TensorList, trust: list[float], ops: ListOps) -> None:
+        """Phase 3 (LARS/LAMB): apply phase 2's direction ``update`` with one trust ratio per piece."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ step
@@ -223,14 +237,15 @@ class VROptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = self._plan()
+        n = self._moments.num_samples()
+        plan = self._plan(n)
         if plan is not None:
-            self._run(*plan)
+            self._run(*plan, n)
         self._moments.step_done()
         return loss
 
-    def _plan(self) -> Optional[tuple[list[GroupStep], gsnr.LayerTable]]:
-        """The groups' blocks and the step's layer table; None when there is nothing to do."""
+    def _plan(self, n: int) -> Optional[tuple[list[GroupStep], gsnr.LayerTable]]:
+        """The groups' blocks and the step's layer table for n samples; None when there is nothing to do."""
         per_group, all_pieces = [], []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -245,13 +260,16 @@ class VROptimizer(Optimizer):
         table = self._layout.table(all_pieces)
         if not all_pieces and table.reduce is None:
             return None
+        if n < 2 and any(group["vr"] for group in self.param_groups):
+            self._warn_few_samples(n)
         steps, first = [], 0
         for group, params, pieces, on_cpu in per_group:
             self._init_steps(params)
             foreach = (not on_cpu) if group["foreach"] is None else bool(group["foreach"])
             blocks = [Block(self.state, chunk, first + start, table)
                       for start, chunk in _blocks(pieces, CPU_TILE_NUMEL if on_cpu else None)]
-            steps.append(GroupStep(group, blocks, ListOps(foreach, None if foreach else self._scratch)))
+            ops = ListOps(foreach, None if foreach else self._scratch)
+            steps.append(GroupStep(group, blocks, ops, self._gsnr_active(group, n)))
             first += len(pieces)
         return steps, table
 
@@ -259,48 +277,46 @@ class VROptimizer(Optimizer):
         for param in params:
             self.state[param].setdefault("step", torch.tensor(0.0))
 
-    def _run(self, groups: list[GroupStep], table: gsnr.LayerTable) -> None:
-        n = self._moments.num_samples()
-        if n < 2 and any(g.group["vr"] for g in groups):
-            self._warn_few_samples(n)
-        for g in groups:
-            g.gsnr = self._gsnr_active(g.group, n)
-        sums = table.layer_sums(self._phase1(groups, table, n)).tolist()
-        if not all(math.isfinite(x) for x in sums[gsnr.GRAD_SQ]):
+    def _run(self, groups: list[GroupStep], table: gsnr.LayerTable, n: int) -> None:
+        first, ratios = self._phase1(groups, table, n)
+        sums = first.layer_sums()
+        if not all(math.isfinite(x) for x in sums["grad_sq"]):
             self._skip()
             return
         for g in groups:
             self._advance_steps(g)
-        normalisers = gsnr.layer_normalisers(sums[gsnr.SUM_R], table.layer_numel)
-        second = self._phase2(groups, table, normalisers)
+        normalisers = gsnr.layer_normalisers(sums["sum_r"], table.layer_numel)
+        second, updates = self._phase2(groups, table, ratios, normalisers)
         if any(g.gsnr for g in groups) or self.uses_layer_norms:
-            second_sums = table.layer_sums(second)
+            second_sums = second.layer_sums()
             if self.uses_layer_norms:
-                self._phase3(groups, table, second_sums.sqrt().tolist())
+                self._phase3(groups, table, updates, second_sums)
             if any(g.gsnr for g in groups):
-                self._record_stats(groups, table, sums, second_sums.tolist(), n)
+                self._record_stats(groups, table, sums, second_sums, n)
 
-    def _phase1(self, groups: list[GroupStep], table: gsnr.LayerTable, n: int) -> Tensor:
-        """[6, P]: per piece gsnr's partial sums and the element count if GSNR is on (else zeros but ||grad||^2)."""
-        partial = torch.zeros(NUMEL + 1, len(table.piece_layer), device=self._reduce_device())
+    def _phase1(self, groups: list[GroupStep], table: gsnr.LayerTable, n: int) -> tuple[PieceSums, Ratios]:
+        """Per block the GSNR ratio (where GSNR is on); the sums of :data:`FIRST_ROWS` per piece
+        (only ||grad||^2 where GSNR is off: the non-finite guard needs it)."""
+        partial = PieceSums(FIRST_ROWS, table, self._reduce_device())
+        ratios: Ratios = []
         for g in groups:
             # the gradient's scale matters only where the mean comes from the gradient (no sample sums)
             owners = [p for p in g.group["params"]
                       if p.grad is not None and self._moments.sample_sum(p) is None] if g.gsnr else []
             mean_scales = {id(p): 1.0 / (c * n) if c > 0 else 0.0
                            for p, c in zip(owners, self._moments.grad_scales(owners))}
-            for block in g.blocks:
-                g.begin_block()
-                columns = partial[:, block.columns]
+            ratios.append([])
+            for block in g.each_block():
+                ratio, grad_sq_known = None, False
                 if g.gsnr:
-                    block.rho, from_sample_sums = self._ratio(g, block, n, mean_scales)
-                    columns[:NUMEL] = block.rho.partial
-                    columns[NUMEL] = torch.tensor([float(p.numel) for p in block.pieces])
-                    if from_sample_sums:  # the guard must still see the gradient itself
-                        columns[gsnr.GRAD_SQ] = g.ops.sq_norms(block.grads)
-                else:
-                    columns[gsnr.GRAD_SQ] = g.ops.sq_norms(block.grads)
-        return partial
+                    ratio, from_sample_sums = self._ratio(g, block, n, mean_scales)
+                    partial.put(block.columns, **dict(zip(gsnr.PARTIAL_ROWS, ratio.partial)),
+                                numel=torch.tensor([float(p.numel) for p in block.pieces]))
+                    grad_sq_known = not from_sample_sums
+                if not grad_sq_known:  # the guard must see the gradient itself
+                    partial.put(block.columns, grad_sq=g.ops.sq_norms(block.grads))
+                ratios[-1].append(ratio)
+        return partial, ratios
 
     def _ratio(
         self, g: GroupStep, block: Block, n: int, mean_scales: dict[int, float]
@@ -322,49 +338,52 @@ class VROptimizer(Optimizer):
         ratio = gsnr.gsnr_ratio(sums, sq, scales, n, group["eps_gsnr"], group["gsnr_max"], g.ops)
         return ratio, any(s is not grad for s, grad in zip(sums, block.grads))
 
-    def _phase2(self, groups: list[GroupStep], table: gsnr.LayerTable, normalisers: list) -> Tensor:
-        """Factor and rule direction per block; returns [4, P] bound counts and squared norms."""
-        second = torch.zeros(4, len(table.piece_layer), device=self._reduce_device())
-        for g in groups:
+    def _phase2(
+        self, groups: list[GroupStep], table: gsnr.LayerTable, ratios: Ratios, normalisers: list
+    ) -> tuple[PieceSums, Updates]:
+        """Per block rho (from phase 1's ratio, in place) and the rule's update; returns the sums of
+        :data:`SECOND_ROWS` per piece and the LARS/LAMB directions for phase 3."""
+        second = PieceSums(SECOND_ROWS, table, self._reduce_device())
+        updates: Updates = []
+        for g, group_ratios in zip(groups, ratios):
             group, ops = g.group, g.ops
-            if g.gsnr and group["gsnr_ema"] > 0.0:
-                g.ema_steps = self._advance_ema_steps(g)
-            for block in g.blocks:
-                g.begin_block()
+            ema_steps = self._advance_ema_steps(g) if g.gsnr and group["gsnr_ema"] > 0.0 else {}
+            updates.append([])
+            for block, ratio in zip(g.each_block(), group_ratios):
                 rho = None
-                if g.gsnr:
-                    second[AT_LOW : AT_HIGH + 1, block.columns] = self._factor(g, block, normalisers)
-                    rho = block.rho.ratio
-                self._direction(group, block, rho, ops)
+                if ratio is not None:
+                    at_low, at_high = self._factor(g, block, ratio, normalisers, ema_steps)
+                    second.put(block.columns, at_low=at_low, at_high=at_high)
+                    rho = ratio.ratio
+                update = self._direction(group, block, rho, ops)
                 if self.uses_layer_norms:
-                    second[WEIGHT_SQ, block.columns] = ops.sq_norms(block.params)
-                    second[UPDATE_SQ, block.columns] = ops.sq_norms(block.update)
-                block.rho = None
-        return second
+                    second.put(block.columns, weight_sq=ops.sq_norms(block.params), update_sq=ops.sq_norms(update))
+                updates[-1].append(update)
+        return second, updates
 
-    def _factor(self, g: GroupStep, block: Block, normalisers: list) -> Tensor:
-        """rho of a block in place (block.rho.ratio); returns its [2, P] bound counts."""
+    def _factor(
+        self, g: GroupStep, block: Block, ratio: gsnr.GsnrRatio, normalisers: list, ema_steps: dict[int, int]
+    ) -> Tensor:
+        """rho of a block in place (over ``ratio.ratio``); returns its [2, P] bound counts."""
         scales = []
-        for z, layer in zip(block.rho.scale, (p.layer for p in block.pieces)):
+        for z, layer in zip(ratio.scale, (p.layer for p in block.pieces)):
             inverse_mean = normalisers[layer]
             scales.append(None if inverse_mean is None else z * inverse_mean)
         ema = None
         if g.group["gsnr_ema"] > 0.0:
-            ema_steps = [g.ema_steps[id(p.owner)] for p in block.pieces]
-            ema = (block.state("gsnr_q_ema", torch.float32), g.group["gsnr_ema"], ema_steps)
-        return gsnr.bound_factor_(block.rho.ratio, scales, g.group["gamma"], g.ops, ema)
+            steps = [ema_steps[id(p.owner)] for p in block.pieces]
+            ema = (block.state("gsnr_q_ema", torch.float32), g.group["gsnr_ema"], steps)
+        return gsnr.bound_factor_(ratio.ratio, scales, g.group["gamma"], g.ops, ema)
 
-    def _phase3(self, groups: list[GroupStep], table: gsnr.LayerTable, norms: list[list[float]]) -> None:
+    def _phase3(self, groups: list[GroupStep], table: gsnr.LayerTable, updates: Updates, sums: LayerSums) -> None:
         """LARS/LAMB: trust ratio per layer from the reduced norms, then each block's update."""
-        weight, update = norms[WEIGHT_SQ], norms[UPDATE_SQ]
+        weight, update = sums.sqrt("weight_sq"), sums.sqrt("update_sq")
         exempt = [ndim <= 1 for ndim in table.layer_ndim]
-        for g in groups:
+        for g, group_updates in zip(groups, updates):
             ratios = [1.0 if (exempt[layer] and g.group["exclude_1d"]) else self._trust_ratio(g.group, w, u)
                       for layer, (w, u) in enumerate(zip(weight, update))]
-            for block in g.blocks:
-                g.begin_block()
-                self._apply(g.group, block, table.per_piece(ratios, block.columns), g.ops)
-                block.update = None
+            for block, block_update in zip(g.each_block(), group_updates):
+                self._apply(g.group, block, block_update, table.per_piece(ratios, block.columns), g.ops)
 
     def _reduce_device(self) -> torch.device:
         """Where the per-layer sums live: the device of the parameters (DeepSpeed's ZeRO-3 fills one group at a time)."""
@@ -374,8 +393,6 @@ class VROptimizer(Optimizer):
         for param in g.group["params"]:
             if param.grad is not None:
                 self.state[param]["step"] += 1
-        for block in g.blocks:
-            block.steps = [s + 1 for s in block.steps]
 
     def _advance_ema_steps(self, g: GroupStep) -> dict[int, int]:
         """Count one more EMA step for every owner of the group with a gradient; returns owner id -> count."""
@@ -405,8 +422,10 @@ class VROptimizer(Optimizer):
             stacklevel=5,
         )
 
-    def _record_stats(self, groups: list[GroupStep], table: gsnr.LayerTable, sums: list, second: list, n: int) -> None:
-        layers = [i for i, numel in enumerate(sums[NUMEL]) if numel > 0]
+    def _record_stats(
+        self, groups: list[GroupStep], table: gsnr.LayerTable, first: LayerSums, second: LayerSums, n: int
+    ) -> None:
+        layers = [i for i, numel in enumerate(first["numel"]) if numel > 0]
         owners = [p for g in groups for p in g.group["params"] if "step" in self.state[p]]
         step = max(int(self.state[p]["step"]) for p in owners)
 
@@ -417,13 +436,9 @@ class VROptimizer(Optimizer):
             step=step,
             n=n,
             layer_names=pick(table.layer_names),
-            layer_numel=[int(x) for x in pick(sums[NUMEL])],
-            sum_r=pick(sums[gsnr.SUM_R]),
-            sum_m2=pick(sums[gsnr.SUM_M2]),
-            sum_v=pick(sums[gsnr.SUM_V]),
-            at_low=pick(second[AT_LOW]),
-            at_high=pick(second[AT_HIGH]),
-            at_cap=pick(sums[gsnr.AT_CAP]),
+            layer_numel=[int(x) for x in pick(first["numel"])],
+            **{name: pick(first[name]) for name in ("sum_r", "sum_m2", "sum_v", "at_cap")},
+            **{name: pick(second[name]) for name in ("at_low", "at_high")},
         )
         same_step = self._stats is not None and self._stats.step == step
         self._stats = self._stats.merged(stats) if same_step else stats
@@ -471,10 +486,10 @@ class VROptimizer(Optimizer):
         return [1.0 - group["betas"][0] ** t for t in block.steps]
 
     @staticmethod
-    def _keep_direction(
+    def _decayed_direction(
         group: dict, block: Block, update: TensorList, rho: Optional[TensorList], ops: ListOps
-    ) -> None:
-        """LARS/LAMB: rho (.) (update + wd * W) into ``block.update`` for phase 3.
+    ) -> TensorList:
+        """LARS/LAMB: returns rho (.) (update + wd * W), the direction phase 3 applies.
 
         Weight decay goes to the decayed pieces only (not ndim <= 1 with exclude_1d);
         with rho the result is written over rho, which the step no longer needs.
@@ -482,10 +497,10 @@ class VROptimizer(Optimizer):
         if group["weight_decay"]:
             decayed = block.decayed(group["exclude_1d"])
             ops.add_([update[i] for i in decayed], [block.params[i] for i in decayed], alpha=group["weight_decay"])
-        if rho is not None:
-            ops.mul_tensors_(rho, update)
-            update = rho
-        block.update = update
+        if rho is None:
+            return update
+        ops.mul_tensors_(rho, update)
+        return rho
 
 
 def _tiles(piece: Piece) -> list[Piece]:

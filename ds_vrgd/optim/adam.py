@@ -12,14 +12,21 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
 from ds_vrgd.optim._base import Block, VROptimizer
-from ds_vrgd.optim.options import reject_unknown, validate_betas, validate_eps
+from ds_vrgd.optim.options import validate_betas, validate_eps
 
 
 class VRAdam(VROptimizer):
-    """Adam with L2 weight decay and GSNR element-wise learning rates."""
+    """Adam with L2 weight decay and GSNR element-wise learning rates.
+
+    Args:
+        params: parameters or param groups (a group may override any option).
+        lr, betas, eps, weight_decay: as torch.optim.Adam.
+        foreach: multi-tensor kernels (None: on for accelerators, off on CPU, which runs in tiles).
+        **vr_options: gamma, eps_gsnr, gsnr_max, gsnr_warmup_steps, gsnr_ema, vr
+            (:class:`~ds_vrgd.optim.options.VROptions`; ``vr=False`` or ``gamma=0``: torch.optim.Adam exactly).
+    """
 
     decoupled_weight_decay = False
 
@@ -31,22 +38,13 @@ class VRAdam(VROptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        gamma: float = 0.1,
-        eps_gsnr: float = 1e-20,
-        gsnr_max: Optional[float] = GSNR_MAX,
-        gsnr_warmup_steps: int = 0,
-        gsnr_ema: float = 0.0,
-        vr: bool = True,
         foreach: Optional[bool] = None,
-        **unknown,
+        **vr_options,
     ):
-        reject_unknown(type(self), unknown)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max, gsnr_warmup_steps=gsnr_warmup_steps,
-            gsnr_ema=gsnr_ema, vr=vr,
         )
-        super().__init__(params, defaults, foreach)
+        super().__init__(params, defaults, foreach, vr_options)
 
     def _validate(self, options: dict) -> None:
         """Also: betas a pair of numbers in [0, 1), eps > 0."""
@@ -68,7 +66,10 @@ class VRAdam(VROptimizer):
 
 
 class VRAdamW(VRAdam):
-    """AdamW (decoupled weight decay, default 1e-2) with GSNR element-wise learning rates."""
+    """AdamW (decoupled weight decay, default 1e-2) with GSNR element-wise learning rates.
+
+    Arguments as :class:`VRAdam`; ``vr=False`` or ``gamma=0`` gives torch.optim.AdamW exactly.
+    """
 
     decoupled_weight_decay = True
 
@@ -80,16 +81,7 @@ class VRAdamW(VRAdam):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
-        gamma: float = 0.1,
-        eps_gsnr: float = 1e-20,
-        gsnr_max: Optional[float] = GSNR_MAX,
-        gsnr_warmup_steps: int = 0,
-        gsnr_ema: float = 0.0,
-        vr: bool = True,
         foreach: Optional[bool] = None,
-        **unknown,
+        **vr_options,
     ):
-        super().__init__(
-            params, lr, betas, eps, weight_decay, gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max,
-            gsnr_warmup_steps=gsnr_warmup_steps, gsnr_ema=gsnr_ema, vr=vr, foreach=foreach, **unknown,
-        )
+        super().__init__(params, lr, betas, eps, weight_decay, foreach=foreach, **vr_options)

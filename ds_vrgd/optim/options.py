@@ -5,13 +5,39 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
 
 from ds_vrgd import gsnr
 
-VR_DEFAULTS = dict(
-    gamma=0.1, eps_gsnr=1e-20, gsnr_max=gsnr.GSNR_MAX, gsnr_warmup_steps=0, gsnr_ema=0.0, vr=True
-)
+
+@dataclass(frozen=True)
+class VROptions:
+    """The options every VR optimizer takes as keywords (docs/design.md §2, docs/usage.md "Options").
+
+    gamma:             rho lies in [max(0, 1 - gamma), 1 + gamma]; 0 gives the base optimizer.
+    eps_gsnr:          added to the variance in r = m^2 / (v + eps_gsnr).
+    gsnr_max:          cap on r (None: no cap; docs/design.md §3).
+    gsnr_warmup_steps: steps with rho = 1 before the factor starts.
+    gsnr_ema:          beta of a bias-corrected EMA of q across steps (0: none).
+    vr:                False: no capture, no GSNR; the base optimizer exactly.
+    """
+
+    gamma: float = 0.1
+    eps_gsnr: float = 1e-20
+    gsnr_max: Optional[float] = gsnr.GSNR_MAX
+    gsnr_warmup_steps: int = 0
+    gsnr_ema: float = 0.0
+    vr: bool = True
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The option names, in declaration order."""
+        return [f.name for f in fields(cls)]
+
+
+VR_DEFAULTS = asdict(VROptions())
+"""The shared options' defaults as a dict (what a param group holds)."""
 
 
 def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
@@ -75,10 +101,16 @@ def validate_eps(eps: Any) -> None:
     check_range("eps", eps, 0.0, low_open=True)
 
 
-def reject_unknown(cls: type, unknown: dict) -> None:
-    """ValueError for keyword arguments the optimizer does not take, listing the valid ones."""
+def split_vr_options(cls: type, keywords: dict) -> dict:
+    """The shared options of ``keywords`` over their defaults; ValueError for a name the optimizer ``cls``
+    does not take, listing the valid ones (its own parameters, then :class:`VROptions`'s).
+
+    Returns the param-group dict of the six :class:`VROptions` values.
+    """
+    unknown = sorted(set(keywords) - set(VR_DEFAULTS))
     if unknown:
-        valid = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params", "unknown")]
+        own = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params", "vr_options")]
         raise ValueError(
-            f"{cls.__name__} got unknown option(s) {sorted(unknown)}; valid options are: {', '.join(valid)}"
+            f"{cls.__name__} got unknown option(s) {unknown}; valid options are: {', '.join(own + VROptions.names())}"
         )
+    return {**VR_DEFAULTS, **keywords}

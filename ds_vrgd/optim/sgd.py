@@ -12,14 +12,21 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from ds_vrgd.gsnr import GSNR_MAX
 from ds_vrgd._tensor_lists import ListOps, TensorList
 from ds_vrgd.optim._base import Block, VROptimizer
-from ds_vrgd.optim.options import check_bool, check_range, reject_unknown
+from ds_vrgd.optim.options import check_bool, check_range
 
 
 class VRSGD(VROptimizer):
-    """SGD with momentum/Nesterov and GSNR element-wise learning rates."""
+    """SGD with momentum/Nesterov and GSNR element-wise learning rates.
+
+    Args:
+        params: parameters or param groups (a group may override any option).
+        lr, momentum, dampening, weight_decay, nesterov: as torch.optim.SGD.
+        foreach: multi-tensor kernels (None: on for accelerators, off on CPU, which runs in tiles).
+        **vr_options: gamma, eps_gsnr, gsnr_max, gsnr_warmup_steps, gsnr_ema, vr
+            (:class:`~ds_vrgd.optim.options.VROptions`; ``vr=False`` or ``gamma=0``: torch.optim.SGD exactly).
+    """
 
     def __init__(
         self,
@@ -30,22 +37,13 @@ class VRSGD(VROptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
-        gamma: float = 0.1,
-        eps_gsnr: float = 1e-20,
-        gsnr_max: Optional[float] = GSNR_MAX,
-        gsnr_warmup_steps: int = 0,
-        gsnr_ema: float = 0.0,
-        vr: bool = True,
         foreach: Optional[bool] = None,
-        **unknown,
+        **vr_options,
     ):
-        reject_unknown(type(self), unknown)
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            gamma=gamma, eps_gsnr=eps_gsnr, gsnr_max=gsnr_max, gsnr_warmup_steps=gsnr_warmup_steps,
-            gsnr_ema=gsnr_ema, vr=vr,
         )
-        super().__init__(params, defaults, foreach)
+        super().__init__(params, defaults, foreach, vr_options)
 
     def _validate(self, options: dict) -> None:
         """Also: momentum >= 0, dampening in [0, 1], nesterov a bool (True needs momentum > 0, dampening 0)."""
