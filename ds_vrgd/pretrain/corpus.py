@@ -1,19 +1,10 @@
 """Raw text sources for BERT pretraining: each yields documents (``str``).
 
-Three sources, combinable in one :class:`Corpus`:
-
-- plain UTF-8 text files given as paths or globs. Documents are separated by
-  blank lines, or one per line with ``doc_per_line=True``;
-- a Hugging Face ``datasets`` dataset: a directory written by
-  ``save_to_disk``, a directory of local data files (txt/csv/json/parquet),
-  or a dataset name already in the local cache. Nothing is downloaded: names
-  are resolved in offline mode (``HF_DATASETS_OFFLINE=1`` semantics);
-- the embedded default, needing no download: the docstrings of the installed
-  Python standard library (:func:`stdlib_docstrings`).
-
-Sources are validated when the :class:`Corpus` is built (files exist, globs
-match, files are text, the corpus is not empty), so bad input fails before
-tokenizer training or tokenization start.
+:func:`open_corpus` validates the sources (files exist, globs match, files are text, there is text at
+all), so bad input fails before tokenizer training, and returns a re-iterable :class:`Corpus` over
+UTF-8 text files and/or a local Hugging Face ``datasets`` dataset (never downloaded) or, with neither,
+the docstrings of the installed Python standard library (:func:`stdlib_docstrings`). The options:
+docs/pretraining.md, "1. Data".
 """
 
 from __future__ import annotations
@@ -348,10 +339,12 @@ def open_corpus(
 ) -> Corpus:
     """Validate the sources and return a :class:`Corpus` over them.
 
-    ``files``: paths/globs of text files; ``hf_dataset``: see
-    :func:`load_hf_text_dataset`. With neither, the stdlib docstring corpus
-    (``max_bytes`` limits only that one). Raises FileNotFoundError/ValueError
-    naming the path and the fix, including for a corpus with no text.
+    ``files``: paths/globs of text files, one document per line with
+    ``doc_per_line`` (else blank-line separated); ``hf_dataset``,
+    ``text_column``, ``hf_split``: see :func:`load_hf_text_dataset`. With
+    neither, the stdlib docstring corpus (``max_bytes`` limits only that one).
+    Raises FileNotFoundError/ValueError naming the path and the fix, including
+    for a corpus with no text.
     """
     passes, parts = [], []
     if files:

@@ -1,46 +1,9 @@
 """BERT pretraining data: corpus -> WordPiece tokenizer -> packed sequences -> MLM masks -> Arrow shards.
 
-``python -m ds_vrgd.pretrain.data --output DIR`` writes::
-
-    DIR/tokenizer/   transformers tokenizer (AutoTokenizer.from_pretrained(DIR/tokenizer) works offline)
-    DIR/train/       datasets shards: input_ids [max_seq_len] (+ labels with static masking)
-    DIR/heldout/     datasets shards: input_ids, labels (always statically masked, see below)
-    DIR/meta.json    max_seq_len, vocab_size, special token ids, masking, counts, seed, source
-
-Choices (the reasons are the NVIDIA/Google BERT and RoBERTa recipes):
-
-- Packing: each split's documents are tokenized and concatenated into one
-  token stream, each document followed by [SEP]; the stream is cut into
-  contiguous chunks of ``max_seq_len - 2`` tokens, stored as
-  ``[CLS] chunk [SEP]``. Every sequence has exactly ``max_seq_len`` tokens, so
-  there is no padding, no attention mask and no NSP (token_type_ids all 0).
-  This is RoBERTa's FULL-SENTENCES format (which it found better than BERT's
-  NSP pairs), cut at any token like HF ``run_mlm``'s ``group_texts``. The
-  last partial chunk of each split is dropped.
-- Split: a document goes to held-out when a seeded hash of its text falls
-  below ``heldout_fraction``: deterministic, independent of corpus order, and
-  identical documents land in the same split, so the splits share no text.
-  The tokenizer is trained on the training documents only. With the same
-  seed, phase-1 (seq 128) and phase-2 (seq 512) data hold out the same text.
-- Masking (:func:`mask_tokens`): as Google's ``create_pretraining_data.py``:
-  per sequence exactly ``min(max_predictions, max(1, round(0.15 * length)))``
-  positions, drawn uniformly among the non-special tokens; 80% become [MASK],
-  10% a random non-special token, 10% stay. ``max_predictions`` defaults to
-  ``ceil(0.15 * max_seq_len)`` (20 at seq 128 as NVIDIA; 77 at seq 512 where
-  NVIDIA uses 80 - either way the cap does not bind for full sequences:
-  round(0.15 * 128) = 19, round(0.15 * 512) = 77); a smaller value caps it.
-- Static masking stores ``labels`` (-100 = not predicted) and writes
-  ``dupe_factor`` differently masked copies of the training set; dynamic
-  masking stores only ``input_ids`` and :class:`MLMCollator` masks each batch
-  (RoBERTa). The held-out split is always masked statically with the seed,
-  so evaluation losses are comparable between steps and runs.
-- Determinism: given the tokenizer, the output depends only on the corpus
-  and the options; the masks of row i depend only on (seed, split, copy, i),
-  not on ``num_proc`` or batch boundaries. Training the tokenizer is not
-  bit-reproducible: ``tokenizers``' WordPiece trainer breaks ties in hash-map
-  order (huggingface/tokenizers#1794; a few dozen of 8192 tokens differ
-  between runs). Reuse a tokenizer with ``--tokenizer DIR/tokenizer`` to
-  reproduce data exactly, as phase 2 (seq 512) does with phase 1's.
+``python -m ds_vrgd.pretrain.data --output DIR`` (:func:`main`) or :func:`prepare_pretraining_data`
+writes DIR/tokenizer/, DIR/train/, DIR/heldout/ and DIR/meta.json; :func:`load_pretraining_data` and
+:class:`MLMCollator` read them back for training. The format and its choices (packing, split, masking,
+reproducibility): docs/pretraining.md, "1. Data".
 """
 
 from __future__ import annotations
@@ -73,7 +36,11 @@ _ENCODE_BATCH = 256  # documents per tokenizer call (the Rust tokenizer parallel
 
 @dataclass(frozen=True)
 class MaskingSpec:
-    """What :func:`mask_tokens` needs to know about the tokenizer and the MLM objective."""
+    """What :func:`mask_tokens` needs to know about the tokenizer and the MLM objective.
+
+    ``special_ids``: never masked nor drawn as random tokens; ``max_predictions``: cap on masked
+    tokens per sequence; ``mlm_probability``: the fraction of tokens masked.
+    """
 
     vocab_size: int
     mask_id: int
@@ -431,10 +398,11 @@ def _static_masked(dataset, spec: MaskingSpec, split: str, copies: int, seed: in
 def prepare_pretraining_data(
     output: str | Path, corpus: Corpus, options: PrepareOptions = PrepareOptions(), overwrite: bool = False
 ) -> dict:
-    """Write DIR/{tokenizer,train,heldout,meta.json} from ``corpus`` (see the module docstring); returns meta.
+    """Write ``output``/{tokenizer,train,heldout,meta.json} from ``corpus`` (docs/pretraining.md, "1. Data").
 
-    Options and output are checked first, then the tokenizer is loaded or
-    trained, the splits packed, masked and saved.
+    ``overwrite``: replace the data in a non-empty ``output``. Options and output are checked
+    first, then the tokenizer is loaded or trained, the splits packed, masked and saved.
+    Returns the meta.json content. ValueError/FileNotFoundError naming the fix for bad input.
     """
     options.check()
     check_output(output, overwrite)
@@ -543,7 +511,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: check the options, open the corpus, prepare, print a summary. Returns the exit code."""
+    """CLI entry point (``argv``: None for sys.argv): check the options, open the corpus, prepare, print a
+    summary. Returns the exit code: 0, or 2 after printing ``error: ...`` for bad input."""
     args = vars(_parser().parse_args(argv))
     try:
         options = PrepareOptions(**{f.name: args[f.name] for f in fields(PrepareOptions)})

@@ -1,20 +1,8 @@
 """BERT masked-LM models from size presets, randomly initialised (nothing is loaded from a hub).
 
-Presets (layers, hidden, heads, feed-forward), after Turc et al. 2019
-("Well-Read Students Learn Better", the BERT-Tiny...-Medium family) and
-Devlin et al. 2018 (base, large):
-
-    tiny   2 x 128,  2 heads,  512     small  4 x 512,  8 heads, 2048
-    mini   4 x 256,  4 heads, 1024     medium 8 x 512,  8 heads, 2048
-    base  12 x 768, 12 heads, 3072     large 24 x 1024, 16 heads, 4096
-
-All other settings are the ``transformers.BertConfig`` defaults (GELU,
-dropout 0.1, 2 token types, init std 0.02); the MLM decoder is tied to the
-word embeddings.
-
-For training, :class:`MaskedPositionsMLM` scores only the predicted positions
-(as Google's BERT gathers them before the output layer): about 15% of the
-vocabulary projections, the largest cost of a small BERT.
+:data:`PRESETS` (tiny, mini, small, medium, base, large), :func:`bert_config` and :func:`build_bert_mlm`
+give a ``transformers.BertForMaskedLM``; :class:`MaskedPositionsMLM` wraps it to score only the
+predicted positions. The presets and their sources: docs/pretraining.md, "2. Training" (Model).
 """
 
 from __future__ import annotations
@@ -66,9 +54,10 @@ def bert_config(preset: str, vocab_size: int, max_position_embeddings: int = 512
 def build_bert_mlm(
     preset: str, vocab_size: int, seed: int = 0, max_position_embeddings: int = 512, max_seq_len: int | None = None
 ):
-    """A randomly initialised ``transformers.BertForMaskedLM`` of a preset (see :func:`bert_config`).
+    """A randomly initialised ``transformers.BertForMaskedLM`` of ``preset``.
 
-    The weights depend only on ``seed``; the global torch RNG is left untouched.
+    ``vocab_size``, ``max_position_embeddings``, ``max_seq_len``: as :func:`bert_config` (ValueError
+    likewise). The weights depend only on ``seed``; the global torch RNG is left untouched.
     """
     from transformers import BertForMaskedLM
 

@@ -1,9 +1,8 @@
 """Run records of BERT pretraining: the JSONL log, summary.json and the loss/GSNR plot.
 
-The log (``log.jsonl`` in the output directory) holds one JSON object per line:
-``{"event": "train", "step", "loss", "mlm_accuracy", "lr", "samples_per_second",
-"tokens_per_second", ...}`` with the GSNR statistics of :data:`ds_vrgd.gsnr.LOG_FIELDS`,
-and ``{"event": "eval", "step", "eval_mlm_loss", "eval_mlm_accuracy", "eval_tokens"}``. Non-finite numbers are written as null.
+The log (``log.jsonl`` in the output directory) holds one JSON object per line, ``"event": "train"``
+(with the GSNR statistics of :data:`ds_vrgd.gsnr.LOG_FIELDS`) or ``"eval"``; non-finite numbers are
+written as null. The fields: docs/pretraining.md, "2. Training".
 """
 
 from __future__ import annotations

@@ -3,46 +3,8 @@
     deepspeed --num_gpus 2 --module ds_vrgd.pretrain --data runs/demo/data \\
         --deepspeed_config ds_configs/cpu_demo_zero2_vrlamb.json --output runs/demo
 
-(on CPU: ``export DS_ACCELERATOR=cpu``. The ranks come from the environment,
-so ``accelerate launch`` and ``torchrun`` work too; plain ``python -m
-ds_vrgd.pretrain`` runs one rank.)
-
-- Batch: train_batch_size = train_micro_batch_size_per_gpu x gradient_accumulation_steps
-  x world size, from any two of the config's three; name train_batch_size and the
-  micro-batch and the accumulation follows the number of ranks. Checked before start.
-- Recipe: the ds_config's ``"ds_vrgd"`` section (DeepSpeed ignores unknown
-  top-level keys) holds what DeepSpeed does not: ``model``, ``steps``,
-  ``warmup_proportion``, ``decay_power``, ``max_seq_len``, ``max_predictions``,
-  ``phase``, ``reference_world_size``, ``description``. Flags override it.
-- Optimizer: the config's. The VR types (VRLAMB ...) log GSNR statistics;
-  any other DeepSpeed type (``"Lamb"`` = FusedLamb, CUDA only; ``"AdamW"``)
-  or torch.optim class trains with the GSNR fields null.
-- LR: NVIDIA's LAMB BERT schedule (``PolyWarmUpScheduler``, stepped before
-  each optimizer step): with progress p = (t + 1) / steps for optimizer step
-  t = 0, 1, ..., lr = peak * p / warmup while p < warmup, else
-  peak * (1 - p) ** power (0 at the last step); peak = the config's optimizer lr.
-  As in NVIDIA's code, the decay starts at (1 - warmup) ** power x peak
-  (0.85 x peak for warmup 0.2843), not at the peak.
-- Weight decay: the config's ``weight_decay`` except 0 for biases and LayerNorm.
-- Model: a preset BERT (:mod:`.models`) scoring only the predicted positions.
-- Data: each rank takes its share of every epoch's seeded permutation of the
-  train split (``DistributedSampler``, drop_last) in micro-batches; static masks
-  are read, dynamic ones drawn by :class:`~ds_vrgd.pretrain.data.MLMCollator`.
-- Determinism: dropout and dynamic masks are reseeded before every step from
-  (seed, rank, step), so a resumed run repeats the uninterrupted run's steps.
-- Checkpoints: ``OUTPUT/checkpoints/step<N>``; the ``latest`` tag is replaced
-  atomically only after every rank finished writing, so an interrupted run
-  resumes (``--resume``) from its last complete checkpoint. ``client_state``
-  holds the step, the data position (micro-batches per rank), the training
-  time and samples, and the first and last losses.
-- Phase 2: ``--init-from RUN_DIR`` loads a phase-1 run's module weights; the
-  optimizer and schedule start fresh.
-- Throughput: samples/s and tokens/s per step in the log; the summary's mean
-  leaves out the first step of each process start (one-time set-up).
-- Outputs (rank 0): ``log.jsonl`` (per step; see :mod:`.report`), DeepSpeed
-  monitor events (``Train/Samples/loss`` ...; the GSNR statistics come from
-  :mod:`ds_vrgd.deepspeed`, ``lr`` from DeepSpeed), ``summary.json``,
-  ``training.png``, ``run.json`` (the plan).
+Every input is checked before DeepSpeed starts (:func:`plan_run`), then :func:`train` runs the plan.
+Batch, recipe, schedule, checkpoints and outputs: docs/pretraining.md, "2. Training".
 """
 
 from __future__ import annotations
@@ -308,7 +270,11 @@ def check_installed() -> None:
 
 
 def plan_run(args: argparse.Namespace, world_size: int) -> Plan:
-    """Check every input (cheaply, before DeepSpeed starts) and decide the run; ValueError/FileNotFoundError."""
+    """Check every input (cheaply, before DeepSpeed starts) and decide the run.
+
+    ``args``: from :func:`parse_args`; ``world_size``: the number of ranks. Returns the :class:`Plan`;
+    ValueError/FileNotFoundError naming the fix for bad input.
+    """
     check_installed()
     check_output(args.output, args.resume, args.overwrite)
     meta = read_meta(args.data)
@@ -357,7 +323,8 @@ def _first(*values):
 
 
 def warmup_poly_decay(steps: int, warmup_proportion: float, power: float) -> Callable[[int], float]:
-    """LR multiplier of optimizer step t (0-based) for ``LambdaLR``: NVIDIA's PolyWarmUpScheduler, see module doc."""
+    """The LR multiplier of optimizer step t (0-based), for ``LambdaLR``: NVIDIA's PolyWarmUpScheduler over
+    ``steps`` with ``warmup_proportion`` and decay ``power`` (docs/pretraining.md, "2. Training", Schedule)."""
 
     def factor(step: int) -> float:
         progress = min((step + 1) / steps, 1.0)
@@ -674,7 +641,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: plan (SystemExit naming the problem), train, print the summary and where the results are."""
+    """CLI entry point (``argv``: None for sys.argv): plan, train, print the summary and where the results are.
+
+    Returns 0; bad input raises SystemExit with ``error: ...`` before DeepSpeed starts.
+    """
     args = parse_args(argv)
     try:
         plan = plan_run(args, int(os.environ.get("WORLD_SIZE", "1")))
