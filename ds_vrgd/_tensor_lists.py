@@ -39,8 +39,9 @@ def square_into(out: Tensor, x: Tensor) -> None:
 class Scratch:
     """Reusable flat buffers for temporaries that die with the block of work that made them.
 
-    :meth:`take` hands out views of chunks allocated once and kept; :meth:`reset`
-    makes every chunk available again (the views taken before must be dead).
+    :meth:`take` hands out views of chunks allocated once and kept (each of at least
+    ``chunk_numel`` elements); :meth:`reset` makes every chunk available again (the
+    views taken before must be dead).
     """
 
     def __init__(self, chunk_numel: int):

@@ -63,6 +63,7 @@ class DDPMoments(BackwardHookMoments):
                     buffer.div_(self.world_size)
 
     def reset(self) -> None:
+        """New step: forget the samples (zero_grad)."""
         super().reset()
         self._reduced.clear()
 

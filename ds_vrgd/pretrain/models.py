@@ -68,7 +68,7 @@ def build_bert_mlm(
 
 
 class MaskedPositionsMLM(torch.nn.Module):
-    """A ``BertForMaskedLM`` that computes logits only where a token is predicted.
+    """A ``BertForMaskedLM`` (``mlm``) that computes logits only where a token is predicted.
 
     Holds the model's ``bert`` and ``cls`` modules under the same names, so its
     ``state_dict`` loads into ``BertForMaskedLM`` (and back) unchanged.
