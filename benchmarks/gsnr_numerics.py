@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.real_bert: the model and data builder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support.real_bert: the model and data builder
 
 from ds_vrgd.gsnr import rho_from_moments  # noqa: E402
-from tests.real_bert import bert_batches, bert_model, pretrain_steps, sample_grads  # noqa: E402
-from tests.reference import moments, rho_from_moments_ref  # noqa: E402
+from tests.support.real_bert import bert_batches, bert_model, pretrain_steps, sample_grads  # noqa: E402
+from tests.support.reference import moments, rho_from_moments_ref  # noqa: E402
 
 GAMMA, TOL = 0.1, 1e-3
 

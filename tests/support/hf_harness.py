@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import sys
 
-from tests import launching
-from tests.launching import free_port
+from tests.support import REPO, launching
+from tests.support.launching import free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
 
 def run(command: list[str], **env) -> str:
     """Run ``command`` from the repository root on CPU, offline; assert success; return its stdout."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO, HF_HUB_OFFLINE="1", **env)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **env)
     done = launching.run(command, cwd=REPO, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout

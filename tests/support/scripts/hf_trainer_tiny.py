@@ -15,8 +15,9 @@ import torch
 from transformers import AutoModelForMaskedLM, BertConfig, Trainer, TrainingArguments
 
 import ds_vrgd.hf  # imports ds_vrgd: the VR types are registered with DeepSpeed
+from tests.support import REPO
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "hf_auto_zero2_vrlamb.json")
+CONFIG = str(REPO / "ds_configs" / "hf_auto_zero2_vrlamb.json")
 
 
 class RandomMLM(torch.utils.data.Dataset):

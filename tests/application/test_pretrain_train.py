@@ -18,10 +18,9 @@ import torch
 from ds_vrgd.pretrain import data, report, train
 from ds_vrgd.pretrain.corpus import open_corpus
 from ds_vrgd.pretrain.models import MaskedPositionsMLM, build_bert_mlm
-from tests import launching
-from tests.launching import free_port
+from tests.support import REPO, launching
+from tests.support.launching import free_port
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "ds_configs"
 BIN = Path(sys.executable).parent
 SUMMARY_FIELDS = ("optimizer", "zero_stage", "world_size", "global_batch_size", "steps", "initial_train_loss",
@@ -119,7 +118,7 @@ def fake_data(tmp_path: Path, recipe: dict) -> Path:
 @pytest.mark.parametrize("path", sorted(set(CONFIGS.glob("*.json")) - set(recipe_configs())), ids=lambda p: p.stem)
 def test_other_configs_validate_at_two_ranks(path):
     """Configs without a recipe: the trainer's optimizer and batch checks; Hugging Face Trainer fills "auto"
-    values (ds_configs/hf_*.json, exercised by tests/test_hf_*.py)."""
+    values (ds_configs/hf_*.json, exercised by tests/integrations/test_hf_*.py)."""
     config = train.load_ds_config(path)
     if "auto" in json.dumps(config):
         assert path.name.startswith("hf_")

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from tests import launching
+from tests.support import launching
 
 SCRIPT = """
 import pathlib, sys

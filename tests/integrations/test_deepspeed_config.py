@@ -6,11 +6,9 @@ import sys
 
 import pytest
 
-from tests.ds_harness import initialize_configs
-from tests import launching
-from tests.launching import free_port
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.ds_harness import initialize_configs
+from tests.support import REPO, launching
+from tests.support.launching import free_port
 
 
 def config(optimizer: dict, **extra) -> dict:
@@ -87,7 +85,7 @@ def test_deepspeed_launcher_runs_a_repo_config(tmp_path):
         "--deepspeed_config", os.path.join(REPO, "ds_configs", "cpu_tiny_zero2_vrlamb.json"),
         "--steps", "10", "--summary", str(summary),
     ]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=REPO)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     done = launching.run(command, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(summary.read_text())

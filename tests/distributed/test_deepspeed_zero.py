@@ -1,7 +1,7 @@
 """VR optimizers inside the real DeepSpeed engine on 2 and 4 gloo ranks (CPU).
 
 Every run is compared with a single-process reference computed from the same
-per-micro-batch gradients (tests/ds_harness.py). Cases cover the five
+per-micro-batch gradients (tests/support/ds_harness.py). Cases cover the five
 optimizers, ZeRO stages 0/1/2, gradient accumulation 1 and 2, a reduce bucket
 of 50 elements (layers split across buckets and partitions), clipping that
 is active, bf16, fp16 with loss scaling and overflow skips, and checkpoint
@@ -14,7 +14,7 @@ import os
 import pytest
 
 from ds_vrgd.optim import VR_OPTIMIZERS
-from tests.ds_harness import max_param_diff, reference, results_by_case
+from tests.support.ds_harness import max_param_diff, reference, results_by_case
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_clipping_was_active_in_the_clipped_cases():
     """Guard for the cases above: with clip 0.02 the reference really clips (else it tests nothing)."""
     import torch
 
-    from tests.ds_harness import loss_of, make_model, micro_batch
+    from tests.support.ds_harness import loss_of, make_model, micro_batch
 
     model = make_model()
     loss_of(model, *micro_batch(0, 0, 0)).backward()
@@ -130,7 +130,7 @@ def test_clipping_was_active_in_the_clipped_cases():
 def test_memory_and_communication_bounds(world2):
     import math
 
-    from tests.ds_harness import make_model
+    from tests.support.ds_harness import make_model
 
     total = sum(p.numel() for p in make_model().parameters())
     case = next(c for c in EQUIVALENCE_2 if c["stage"] == 2 and c["gas"] == 2 and c["optimizer"] == "VRLAMB")
@@ -152,7 +152,7 @@ def test_memory_and_communication_bounds(world2):
 
 
 def test_stage0_keeps_full_replicated_buffer(world2):
-    from tests.ds_harness import make_model
+    from tests.support.ds_harness import make_model
 
     total = sum(p.numel() for p in make_model().parameters())
     case = next(c for c in EQUIVALENCE_2 if c["stage"] == 0)

@@ -2,7 +2,7 @@
 
 BertForMaskedLM (tied word embeddings) on the embedded corpus, at
 initialisation and after 30 AdamW steps; n micro-batch gradients. The
-reference (tests/reference.py, float64, no code shared with ds_vrgd) takes
+reference (tests/support/reference.py, float64, no code shared with ds_vrgd) takes
 the same samples; rho from the optimizer is read where a rule receives it
 (``_direction``), on every path: plain PyTorch, DDP, DeepSpeed ZeRO-2 and
 ZeRO-3, with and without offload, in fp32, bf16 and fp16. In the multi-rank
@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 
 from ds_vrgd.optim import VRSGD
-from tests.real_bert import bert_batches, bert_model, mlm_loss, pretrain_steps, sample_grads
-from tests.reference import gsnr_parts, moments, rho_from_moments_ref
-from tests.launching import spawn
+from tests.support.real_bert import bert_batches, bert_model, mlm_loss, pretrain_steps, sample_grads
+from tests.support.reference import gsnr_parts, moments, rho_from_moments_ref
+from tests.support.launching import spawn
 
 GAMMA = 0.1
 RHO_TOL = 1e-3

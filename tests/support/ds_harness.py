@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from tests.launching import spawn_results
+from tests.support.launching import spawn_results
 
 MICRO_BATCH = 4
 LR = 0.01

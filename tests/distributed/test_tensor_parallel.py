@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ds_vrgd.optim import VR_OPTIMIZERS
 from examples.megatron_tp import ParallelState, TensorParallelTokenModel, token_batch
-from tests.launching import spawn_results
+from tests.support.launching import spawn_results
 
 pytestmark = pytest.mark.slow
 
@@ -94,13 +94,13 @@ def test_the_example_under_the_deepspeed_launcher():
     import json
     import sys
 
-    from tests.launching import free_port, run
+    from tests.support import REPO as repo
+    from tests.support.launching import free_port, run
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = run([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "4", "--master_port",
                 str(free_port()), os.path.join(repo, "examples", "megatron_tp.py"), "--deepspeed_config",
                 os.path.join(repo, "ds_configs", "cpu_tp2_zero1_vrlamb.json"), "--tensor-parallel", "2", "--steps", "20"],
-               env=dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=repo), timeout=600)
+               env=dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(repo)), timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     steps = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"step"')]
     assert len(steps) == 20 and all(s["n"] == 4 for s in steps)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ds_vrgd.optim import VR_OPTIMIZERS, VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW
-from tests.ds_harness import make_model, train_engine
-from tests.launching import free_port
+from tests.support.ds_harness import make_model, train_engine
+from tests.support.launching import free_port
 
 ALL = tuple(VR_OPTIMIZERS.values())
 ADAM_LIKE = (VRAdam, VRAdamW, VRLAMB)

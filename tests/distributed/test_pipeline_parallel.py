@@ -3,7 +3,7 @@
 The harness model split over two stages: each stage's VR optimizer sees its own layers and the
 samples of its data-parallel group (n = DP x micro-batches per train_batch). Every optimizer,
 ZeRO 0 and 1, 1 and 2 micro-batches, clipping on at ZeRO 1, equals the single-process reference
-(tests/ds_harness.reference: the same per-micro-batch gradients, the unsplit model).
+(tests/support/ds_harness.reference: the same per-micro-batch gradients, the unsplit model).
 """
 
 import os
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ds_vrgd.optim import VR_OPTIMIZERS
-from tests.ds_harness import OPTIMIZER_PARAMS, MICRO_BATCH, make_model, max_param_diff, micro_batch, reference
-from tests.launching import spawn_results
+from tests.support.ds_harness import OPTIMIZER_PARAMS, MICRO_BATCH, make_model, max_param_diff, micro_batch, reference
+from tests.support.launching import spawn_results
 
 pytestmark = pytest.mark.slow
 

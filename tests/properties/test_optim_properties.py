@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ds_vrgd.gsnr import rho_from_moments
 from ds_vrgd.optim import VR_OPTIMIZERS, VRSGD
-from tests.reference import BASE_DEFAULTS, VR_DEFAULTS, Problem, rho_from_moments_ref, run_impl, run_reference, stats_ref
+from tests.support.reference import BASE_DEFAULTS, VR_DEFAULTS, Problem, rho_from_moments_ref, run_impl, run_reference, stats_ref
 
 # One representative configuration per optimizer, with state worth checkpointing.
 CFG = {

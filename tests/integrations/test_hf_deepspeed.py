@@ -7,12 +7,13 @@ import os
 
 import pytest
 
-from tests.hf_harness import BIN, REPO, accelerate_launch, run
-from tests.launching import free_port
+from tests.support import SCRIPTS
+from tests.support.hf_harness import BIN, REPO, accelerate_launch, run
+from tests.support.launching import free_port
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = os.path.join(REPO, "tests", "scripts", "hf_trainer_tiny.py")
+SCRIPT = str(SCRIPTS / "hf_trainer_tiny.py")
 
 
 def _check(result):

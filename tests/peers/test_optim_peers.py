@@ -46,7 +46,7 @@ import torch
 from pytorch_optimizer import LARS, Lamb
 
 from ds_vrgd.optim import VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW
-from tests.reference import Problem, run_impl
+from tests.support.reference import Problem, run_impl
 
 RTOL, ATOL = 2e-6, 1e-6
 

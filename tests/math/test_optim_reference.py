@@ -1,7 +1,7 @@
 """Every VR optimizer equals the independent float64 reference of docs/design.md §2.
 
 Each case runs the implementation in fp32 (n backward() calls per step, the
-plain-PyTorch moment source) and tests/reference.py in float64 on the same
+plain-PyTorch moment source) and tests/support/reference.py in float64 on the same
 problem, then compares the parameters. Each case also checks that the test
 has power: the reference with the VR factor removed (or with the option under
 test removed) differs from the reference by far more than the tolerance.
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ds_vrgd.optim import VR_OPTIMIZERS
-from tests.reference import Problem, run_impl, run_reference
+from tests.support.reference import Problem, run_impl, run_reference
 
 
 # fp32 tolerances for parameters of order 1 after 4 steps ("direct" problem,

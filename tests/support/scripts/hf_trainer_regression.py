@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 import ds_vrgd.hf
 from ds_vrgd.optim import VRLAMB
-from tests.ds_harness import loss_of, make_model
+from tests.support.ds_harness import loss_of, make_model
 
 SIZE = 96
 MICRO_BATCH, ACCUMULATION, STEPS, MAX_GRAD_NORM = 4, 2, 3, 0.05
@@ -40,7 +40,7 @@ class Examples(torch.utils.data.Dataset):
 
 
 class Regression(torch.nn.Module):
-    """tests.ds_harness's MLP with an MSE loss; records the indices of every micro-batch."""
+    """tests.support.ds_harness's MLP with an MSE loss; records the indices of every micro-batch."""
 
     def __init__(self):
         super().__init__()

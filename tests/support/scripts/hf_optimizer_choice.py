@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 import ds_vrgd.hf
 from ds_vrgd.optim import VRLAMB
-from tests.ds_harness import make_model
+from tests.support.ds_harness import make_model
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
              "zero_optimization": {"stage": 2}}

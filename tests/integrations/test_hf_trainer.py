@@ -13,12 +13,13 @@ import sys
 import pytest
 import torch
 
-from tests.ds_harness import make_model, max_param_diff
-from tests.hf_harness import REPO, accelerate_launch, run
-from tests.scripts.hf_trainer_regression import ACCUMULATION, STEPS, reference
-from tests.launching import free_port
+from tests.support import SCRIPTS
+from tests.support.ds_harness import make_model, max_param_diff
+from tests.support.hf_harness import REPO, accelerate_launch, run
+from tests.support.scripts.hf_trainer_regression import ACCUMULATION, STEPS, reference
+from tests.support.launching import free_port
 
-REGRESSION = os.path.join(REPO, "tests", "scripts", "hf_trainer_regression.py")
+REGRESSION = str(SCRIPTS / "hf_trainer_regression.py")
 
 
 def _ranks(out_dir, world: int) -> list[dict]:
@@ -60,7 +61,7 @@ def test_trainer_on_ddp_under_accelerate_launch_matches_reference(tmp_path):
 
 
 def test_optimizer_choices_accepted_and_refused_with_the_fix(tmp_path):
-    script = os.path.join(REPO, "tests", "scripts", "hf_optimizer_choice.py")
+    script = str(SCRIPTS / "hf_optimizer_choice.py")
     errors = json.loads(run([sys.executable, script, str(tmp_path), str(free_port())]).splitlines()[-1])
     accepted = ["vr_class", "vr_object", "config_names_vr", "vr_class_under_deepspeed"]
     assert {name: errors[name] for name in accepted} == dict.fromkeys(accepted, "accepted")

@@ -3,13 +3,13 @@
 Every parameter is partitioned over the ranks and the fp32 partitions are cut into several
 sub-groups (``sub_group_size`` 60 on a 98-parameter model), so layers are split across ranks
 and DeepSpeed steps the optimizer once per sub-group. Each run equals the single-process
-reference from the same per-micro-batch gradients (tests/ds_harness.py) and the ZeRO-2 run.
+reference from the same per-micro-batch gradients (tests/support/ds_harness.py) and the ZeRO-2 run.
 """
 
 import pytest
 
 from ds_vrgd.optim import VR_OPTIMIZERS
-from tests.ds_harness import make_model, max_param_diff, reference, results_by_case
+from tests.support.ds_harness import make_model, max_param_diff, reference, results_by_case
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.ds_harness import loss_of, make_model, max_param_diff, micro_batch, reference
-from tests.launching import spawn_results
+from tests.support.ds_harness import loss_of, make_model, max_param_diff, micro_batch, reference
+from tests.support.launching import spawn_results
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def _worker(rank, world, port, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from ds_vrgd import ddp, optim
-    from tests.ds_harness import OPTIMIZER_PARAMS
+    from tests.support.ds_harness import OPTIMIZER_PARAMS
 
     results = []
     for case in CASES:

@@ -2,7 +2,7 @@
 
 n and Q must be exactly those of the micro-batch samples whatever autograd
 does inside a backward. Every case trains a VR optimizer and is compared with
-the float64 reference (tests/reference.py) fed the true per-micro-batch
+the float64 reference (tests/support/reference.py) fed the true per-micro-batch
 gradients, each from a fresh backward without checkpointing: n must be the
 number of micro-batches of a step and the parameters must match.
 
@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from tests.ds_harness import micro_batch
-from tests.reference import ReferenceVR
-from tests.launching import spawn_results
+from tests.support.ds_harness import micro_batch
+from tests.support.reference import ReferenceVR
+from tests.support.launching import spawn_results
 
 KIND, HYPER = "VRSGD", dict(lr=0.1, momentum=0.9, gamma=0.5)
 STEPS = 3
