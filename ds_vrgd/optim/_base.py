@@ -9,11 +9,9 @@ their two per-layer reductions: docs/design.md §4, "How a step runs".
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -22,119 +20,16 @@ from torch.optim import Optimizer
 from ds_vrgd import gsnr
 from ds_vrgd._tensor_lists import ListOps, Scratch, TensorList
 from ds_vrgd.capture import BackwardHookMoments, MomentSource
-from ds_vrgd.layout import Layout, Piece, WholeParamLayout
+from ds_vrgd.layout import Layout, WholeParamLayout
+from ds_vrgd.optim.blocks import (
+    FIRST_ROWS, SECOND_ROWS, Block, GroupStep, LayerSums, PieceSums, Ratios, Updates, block_runs, tiles,
+)
 from ds_vrgd.optim.options import VR_DEFAULTS, split_vr_options, validate_vr_options
 
 CPU_TILE_NUMEL = 1 << 20
 """Elements per block on CPU: 4 MiB of fp32 per tensor, so the handful of tensors a block's chain of
 ops touches stays in a 32 MiB L3; measured on BERT-base, 2^20-2^21 beat 2^18 (per-op overhead) and
 2^22 (cache misses)."""
-
-FIRST_ROWS = gsnr.PARTIAL_ROWS + ("numel",)
-"""Rows of reduction 1: gsnr's partial sums and the element count of the layers with GSNR."""
-SECOND_ROWS = ("at_low", "at_high", "weight_sq", "update_sq")
-"""Rows of reduction 2: elements at the bounds of rho, and for LARS/LAMB ||W||^2 and ||update||^2."""
-
-
-class PieceSums:
-    """Per-piece partial sums [K, P] with named rows, filled by phase and summed per layer in one call."""
-
-    def __init__(self, rows: Sequence[str], table: gsnr.LayerTable, device: torch.device):
-        self.rows = tuple(rows)
-        self.table = table
-        self.values = torch.zeros(len(self.rows), len(table.piece_layer), device=device)
-
-    def put(self, columns: slice, **rows: Tensor) -> None:
-        """Each named row's values [len(columns)] into the given piece columns."""
-        for name, values in rows.items():
-            self.values[self.rows.index(name), columns] = values
-
-    def layer_sums(self) -> "LayerSums":
-        """The per-layer sums over all ranks (:meth:`gsnr.LayerTable.layer_sums`)."""
-        return LayerSums(self.rows, self.table.layer_sums(self.values))
-
-
-class LayerSums:
-    """Per-layer sums [K, L] of one reduction, read by row name as [L] floats."""
-
-    def __init__(self, rows: tuple[str, ...], sums: Tensor):
-        self.rows = rows
-        self.sums = sums
-
-    @functools.cached_property
-    def _values(self) -> list[list[float]]:
-        return self.sums.tolist()  # one host sync for all rows
-
-    def __getitem__(self, row: str) -> list[float]:
-        return self._values[self.rows.index(row)]
-
-    def sqrt(self, row: str) -> list[float]:
-        """The square roots of a row (fp32, as the sums)."""
-        return self.sums[self.rows.index(row)].sqrt().tolist()
-
-
-class Block:
-    """Consecutive pieces of one param group that are processed together.
-
-    ``columns`` is the block's slice of the step's layer table. ``steps`` holds
-    each piece's step count t of this step (its count after the step).
-    """
-
-    def __init__(self, state: dict, pieces: list[Piece], first: int, table: gsnr.LayerTable):
-        self.pieces = pieces
-        self.columns = slice(first, first + len(pieces))
-        self.params: TensorList = [piece.of(piece.owner) for piece in pieces]
-        self.grads: TensorList = [piece.of(piece.owner.grad) for piece in pieces]
-        self.steps: list[int] = [int(state[piece.owner]["step"]) + 1 for piece in pieces]
-        self.is_matrix: list[bool] = [table.layer_ndim[piece.layer] > 1 for piece in pieces]
-        self._state = state
-
-    def __len__(self) -> int:
-        return len(self.pieces)
-
-    def state(self, key: str, dtype: Optional[torch.dtype] = None) -> TensorList:
-        """Views of the per-element state ``key`` (created as zeros like the owner)."""
-        views = []
-        for piece in self.pieces:
-            owner_state = self._state[piece.owner]
-            if key not in owner_state:
-                owner_state[key] = torch.zeros_like(piece.owner, dtype=dtype, memory_format=torch.preserve_format)
-            views.append(piece.of(owner_state[key]))
-        return views
-
-    def decayed(self, exclude_1d: bool) -> list[int]:
-        """Indices of the pieces that take weight decay (all, or only ndim > 1 with exclude_1d)."""
-        return [i for i, is_matrix in enumerate(self.is_matrix) if is_matrix or not exclude_1d]
-
-
-@dataclass(frozen=True)
-class GroupStep:
-    """One param group's part of a step: its blocks, its list ops and whether GSNR is on this step."""
-
-    group: dict
-    blocks: list[Block]
-    ops: ListOps
-    gsnr: bool
-
-    def each_block(self) -> Iterable[Block]:
-        """The blocks in order; a block's temporaries are dead when the next starts, so scratch is reused."""
-        for block in self.blocks:
-            if self.ops.scratch is not None:
-                self.ops.scratch.reset()
-            yield block
-
-
-Ratios = list[list[Optional[gsnr.GsnrRatio]]]
-"""Phase 1's result per group and block: the GSNR ratio, or None where GSNR is off."""
-Updates = list[list[Optional[TensorList]]]
-"""Phase 2's result per group and block: the LARS/LAMB direction that phase 3 applies (else None)."""
-
-
-def trust_ratio(weight_norm: float, update_norm: float, coefficient: float = 1.0, max_ratio: float = math.inf) -> float:
-    """min(coefficient * ||W|| / ||update||, max_ratio), or 1 where either norm is 0."""
-    if weight_norm == 0.0 or update_norm == 0.0:
-        return 1.0
-    return min(coefficient * weight_norm / update_norm, max_ratio)
 
 
 class VROptimizer(Optimizer):
@@ -254,7 +149,7 @@ class VROptimizer(Optimizer):
                     raise ValueError(f"{type(self).__name__} does not support sparse gradients")
             pieces = self._layout.pieces(params)
             on_cpu = any(p.device.type == "cpu" for p in params)
-            cut = [tile for piece in pieces for tile in _tiles(piece)] if on_cpu else pieces
+            cut = [tile for piece in pieces for tile in tiles(piece, CPU_TILE_NUMEL)] if on_cpu else pieces
             per_group.append((group, params, cut, on_cpu))
             all_pieces.extend(cut)
         table = self._layout.table(all_pieces)
@@ -267,7 +162,7 @@ class VROptimizer(Optimizer):
             self._init_steps(params)
             foreach = (not on_cpu) if group["foreach"] is None else bool(group["foreach"])
             blocks = [Block(self.state, chunk, first + start, table)
-                      for start, chunk in _blocks(pieces, CPU_TILE_NUMEL if on_cpu else None)]
+                      for start, chunk in block_runs(pieces, CPU_TILE_NUMEL if on_cpu else None)]
             ops = ListOps(foreach, None if foreach else self._scratch)
             steps.append(GroupStep(group, blocks, ops, self._gsnr_active(group, n)))
             first += len(pieces)
@@ -459,72 +354,3 @@ class VROptimizer(Optimizer):
             return {"step": 0, "n": 0, "layers": {}, "skipped_steps": self.skipped_steps}
         self._stats.skipped_steps = self.skipped_steps
         return self._stats.as_dict(micro_batch_size or self.micro_batch_size)
-
-    # ------------------------------------------------------- shared by rules
-    @staticmethod
-    def _adam_moments(
-        group: dict, block: Block, direction: TensorList, ops: ListOps, keep: bool = False
-    ) -> tuple[TensorList, TensorList]:
-        """Adam's moments of d, in torch.optim's order; returns (m, sqrt(v_hat) + eps) of the block.
-
-        m <- b1 m + (1 - b1) d;  v <- b2 v + (1 - b2) d^2;  v_hat = v / (1 - b2^t). The
-        denominator is a temporary of the block unless ``keep``.
-        """
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = block.state("exp_avg"), block.state("exp_avg_sq")
-        ops.lerp_(exp_avg, direction, 1.0 - beta1)
-        ops.mul_(exp_avg_sq, beta2)
-        ops.addcmul_(exp_avg_sq, direction, direction, 1.0 - beta2)
-        denom = ops.sqrt(exp_avg_sq, keep=keep)
-        ops.div_scalar_(denom, [(1.0 - beta2**t) ** 0.5 for t in block.steps])  # torch.optim: ** 0.5
-        ops.add_scalar_(denom, group["eps"])
-        return exp_avg, denom
-
-    @staticmethod
-    def _bias_correction1(group: dict, block: Block) -> list[float]:
-        """Per piece 1 - beta1^t."""
-        return [1.0 - group["betas"][0] ** t for t in block.steps]
-
-    @staticmethod
-    def _decayed_direction(
-        group: dict, block: Block, update: TensorList, rho: Optional[TensorList], ops: ListOps
-    ) -> TensorList:
-        """LARS/LAMB: returns rho (.) (update + wd * W), the direction phase 3 applies.
-
-        Weight decay goes to the decayed pieces only (not ndim <= 1 with exclude_1d);
-        with rho the result is written over rho, which the step no longer needs.
-        """
-        if group["weight_decay"]:
-            decayed = block.decayed(group["exclude_1d"])
-            ops.add_([update[i] for i in decayed], [block.params[i] for i in decayed], alpha=group["weight_decay"])
-        if rho is None:
-            return update
-        ops.mul_tensors_(rho, update)
-        return rho
-
-
-def _tiles(piece: Piece) -> list[Piece]:
-    """A CPU piece cut into tiles of CPU_TILE_NUMEL elements (views need contiguous owner and grad)."""
-    if piece.owner.is_contiguous() and piece.owner.grad.is_contiguous():
-        return piece.tiles(CPU_TILE_NUMEL)
-    return [piece]
-
-
-def _blocks(pieces: list[Piece], size: Optional[int]) -> list[tuple[int, list[Piece]]]:
-    """Consecutive runs of pieces with at most ``size`` elements each (one run if size is None).
-
-    Returns (index of the run's first piece, pieces) pairs. Pieces are expected
-    to be tiles of at most ``size`` elements already.
-    """
-    if size is None:
-        return [(0, pieces)] if pieces else []
-    runs, current, start, total = [], [], 0, 0
-    for index, piece in enumerate(pieces):
-        if current and total + piece.numel > size:
-            runs.append((start, current))
-            current, start, total = [], index, 0
-        current.append(piece)
-        total += piece.numel
-    if current:
-        runs.append((start, current))
-    return runs

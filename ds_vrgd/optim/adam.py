@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import Block, VROptimizer
+from ds_vrgd.optim import rules
+from ds_vrgd.optim._base import VROptimizer
+from ds_vrgd.optim.blocks import Block
 from ds_vrgd.optim.options import validate_betas, validate_eps
 
 
@@ -59,10 +61,10 @@ class VRAdam(VROptimizer):
             direction = block.grads
         else:
             direction = ops.add(block.grads, params, alpha=wd) if wd else block.grads
-        exp_avg, denom = self._adam_moments(group, block, direction, ops)
+        exp_avg, denom = rules.adam_moments(group, block, direction, ops)
         if rho is not None:
             ops.div_(denom, rho)  # rho = 0 gives denom = inf: no step
-        ops.addcdiv_(params, exp_avg, denom, [-lr / c for c in self._bias_correction1(group, block)])
+        ops.addcdiv_(params, exp_avg, denom, [-lr / c for c in rules.bias_correction1(group, block)])
 
 
 class VRAdamW(VRAdam):

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import Block, VROptimizer, trust_ratio
+from ds_vrgd.optim import rules
+from ds_vrgd.optim._base import VROptimizer
+from ds_vrgd.optim.blocks import Block
 from ds_vrgd.optim.options import check_bool, check_range, validate_betas, validate_eps
 
 
@@ -58,13 +60,13 @@ class VRLAMB(VROptimizer):
     uses_layer_norms = True
 
     def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> TensorList:
-        exp_avg, update = self._adam_moments(group, block, block.grads, ops, keep=rho is None)
+        exp_avg, update = rules.adam_moments(group, block, block.grads, ops, keep=rho is None)
         ops.div_into_(exp_avg, update)  # m / (sqrt(v_hat) + eps)
-        ops.div_scalar_(update, self._bias_correction1(group, block))
-        return self._decayed_direction(group, block, update, rho, ops)
+        ops.div_scalar_(update, rules.bias_correction1(group, block))
+        return rules.decayed_direction(group, block, update, rho, ops)
 
     def _trust_ratio(self, group: dict, weight_norm: float, update_norm: float) -> float:
-        return trust_ratio(weight_norm, update_norm, max_ratio=group["max_trust_ratio"])
+        return rules.trust_ratio(weight_norm, update_norm, max_ratio=group["max_trust_ratio"])
 
     def _apply(self, group: dict, block: Block, update: TensorList, trust: list[float], ops: ListOps) -> None:
         ops.add_scaled_(block.params, update, [-group["lr"] * r for r in trust])

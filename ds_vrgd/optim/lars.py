@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import Block, VROptimizer, trust_ratio
+from ds_vrgd.optim import rules
+from ds_vrgd.optim._base import VROptimizer
+from ds_vrgd.optim.blocks import Block
 from ds_vrgd.optim.options import check_bool, check_range
 
 
@@ -55,10 +57,10 @@ class VRLARS(VROptimizer):
     uses_layer_norms = True
 
     def _direction(self, group: dict, block: Block, rho: Optional[TensorList], ops: ListOps) -> TensorList:
-        return self._decayed_direction(group, block, ops.clone(block.grads, keep=rho is None), rho, ops)
+        return rules.decayed_direction(group, block, ops.clone(block.grads, keep=rho is None), rho, ops)
 
     def _trust_ratio(self, group: dict, weight_norm: float, update_norm: float) -> float:
-        return trust_ratio(weight_norm, update_norm, coefficient=group["trust_coefficient"])
+        return rules.trust_ratio(weight_norm, update_norm, coefficient=group["trust_coefficient"])
 
     def _apply(self, group: dict, block: Block, update: TensorList, trust: list[float], ops: ListOps) -> None:
         mu = group["momentum"]

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 from ds_vrgd._tensor_lists import ListOps, TensorList
-from ds_vrgd.optim._base import Block, VROptimizer
+from ds_vrgd.optim._base import VROptimizer
+from ds_vrgd.optim.blocks import Block
 from ds_vrgd.optim.options import check_bool, check_range
 
 
