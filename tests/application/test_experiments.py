@@ -19,14 +19,7 @@ from ds_vrgd.pretrain.data import PrepareOptions, prepare_pretraining_data
 from ds_vrgd.pretrain.models import MaskedPositionsMLM, build_bert_mlm
 from ds_vrgd.pretrain.train import mlm_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine a second one makes these tiny runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from itertools import islice
 from pathlib import Path
@@ -18,11 +16,10 @@ import torch
 from ds_vrgd.pretrain import data, report, train
 from ds_vrgd.pretrain.corpus import open_corpus
 from ds_vrgd.pretrain.models import MaskedPositionsMLM, build_bert_mlm
-from tests.support import REPO, launching
-from tests.support.launching import free_port
+from tests.support import REPO
+from tests.support.launching import deepspeed_launch, free_port, run_in_repo, succeeded
 
 CONFIGS = REPO / "ds_configs"
-BIN = Path(sys.executable).parent
 SUMMARY_FIELDS = ("optimizer", "zero_stage", "world_size", "global_batch_size", "steps", "initial_train_loss",
                   "final_train_loss", "eval_mlm_loss", "eval_mlm_accuracy", "samples_per_second")
 
@@ -50,21 +47,8 @@ def args(data_dir, config, output, *extra: str) -> list[str]:
     return ["--data", str(data_dir), "--deepspeed_config", str(config), "--output", str(output), *extra]
 
 
-def run(command: list, **env) -> subprocess.CompletedProcess:
-    """Run from the repository root on CPU, offline."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
-               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **env)
-    return launching.run([str(c) for c in command], cwd=REPO, env=env, timeout=900)
-
-
-def succeeded(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return done.stdout
-
-
 def deepspeed(*trainer_args) -> list:
-    return [BIN / "deepspeed", "--num_gpus", "2", "--master_port", free_port(), "--module", "ds_vrgd.pretrain",
-            *trainer_args]
+    return deepspeed_launch(2, "--module", "ds_vrgd.pretrain", *trainer_args)
 
 
 def summary_of(output: Path) -> dict:
@@ -245,7 +229,7 @@ def test_a_missing_dependency_is_named_with_its_extra(tmp_path, seq32, refuse_to
 
 def test_command_line_error_exits_nonzero_without_traceback(tmp_path, seq32):
     config = config_with(tmp_path, optimizer={"type": "NoSuchOptimizer", "params": {"lr": 1e-3}})
-    done = run([sys.executable, "-m", "ds_vrgd.pretrain", *args(seq32, config, tmp_path / "run")])
+    done = run_in_repo([sys.executable, "-m", "ds_vrgd.pretrain", *args(seq32, config, tmp_path / "run")])
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "error: " in done.stderr and "unknown optimizer type 'NoSuchOptimizer'" in done.stderr
 
@@ -313,7 +297,7 @@ def two_phases(tmp_path_factory, seq32, seq64):
                DATA1=str(seq32), DATA2=str(seq64),
                CONFIG1=str(small_config(tmp / "phase1.json", max_seq_len=32, steps=6, warmup_proportion=0.3)),
                CONFIG2=str(small_config(tmp / "phase2.json", max_seq_len=64, steps=2, phase=2)))
-    stdout = succeeded(run(["bash", REPO / "launch" / "pretrain_bert.sh", "--checkpoint-every", "3",
+    stdout = succeeded(run_in_repo(["bash", REPO / "launch" / "pretrain_bert.sh", "--checkpoint-every", "3",
                             "--eval-every", "3", "--eval-batches", "2"], **env))
     return tmp / "bert", stdout
 
@@ -365,7 +349,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(two_phases, tmp_pat
     for name in ("summary.json", "training.png"):
         (interrupted / name).unlink()
     run_args = json.loads((done / "run.json").read_text())
-    succeeded(run(deepspeed(*args(run_args["data"], run_args["config_path"], interrupted, "--resume",
+    succeeded(run_in_repo(deepspeed(*args(run_args["data"], run_args["config_path"], interrupted, "--resume",
                                   "--checkpoint-every", "3", "--eval-batches", "2"))))
 
     resumed, uninterrupted = module_state(interrupted), module_state(done)
@@ -383,13 +367,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(two_phases, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_deepspeed_optimizer_under_accelerate_launch(tmp_path, seq32):
+def test_a_deepspeed_optimizer_under_accelerate_launch(tmp_path, port, seq32):
     config = json.loads(small_config(tmp_path / "c.json", max_seq_len=32, steps=4).read_text())
     config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01, "torch_adam": True}}
     (tmp_path / "adamw.json").write_text(json.dumps(config))
-    env = dict(PHASES="1", NUM_PROCESSES="2", MAIN_PROCESS_PORT=str(free_port()), OUTPUT=str(tmp_path / "run"),
+    env = dict(PHASES="1", NUM_PROCESSES="2", MAIN_PROCESS_PORT=str(port), OUTPUT=str(tmp_path / "run"),
                DATA1=str(seq32), CONFIG1=str(tmp_path / "adamw.json"))
-    succeeded(run(["bash", REPO / "launch" / "pretrain_bert_accelerate.sh", "--eval-batches", "2"], **env))
+    succeeded(run_in_repo(["bash", REPO / "launch" / "pretrain_bert_accelerate.sh", "--eval-batches", "2"], **env))
     summary = summary_of(tmp_path / "run" / "phase1")
     assert (summary["optimizer"], summary["vr"], summary["world_size"], summary["steps"]) == ("AdamW", None, 2, 4)
     assert summary["final_train_loss"] < summary["initial_train_loss"]
@@ -401,20 +385,20 @@ def test_a_deepspeed_optimizer_under_accelerate_launch(tmp_path, seq32):
 def test_launcher_reports_bad_input_on_every_rank_before_starting(tmp_path, seq32):
     config = small_config(tmp_path / "c.json", max_seq_len=32)
     config.write_text(config.read_text().replace('"train_batch_size": 16', '"train_batch_size": 20'))
-    done = run(deepspeed(*args(seq32, config, tmp_path / "run", "--max-steps", "2")))
+    done = run_in_repo(deepspeed(*args(seq32, config, tmp_path / "run", "--max-steps", "2")))
     assert done.returncode != 0 and "Traceback" not in done.stdout + done.stderr
     assert "train_batch_size 20 is not divisible by train_micro_batch_size_per_gpu 4 x world size 2" in done.stderr
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
-def test_demo_script_runs_and_reruns(tmp_path):
-    env = dict(DEMO_OUTPUT=str(tmp_path / "demo"), MASTER_PORT=str(free_port()), VRGD_VENV=sys.prefix)
-    first = succeeded(run(["bash", REPO / "launch" / "demo.sh", "--max-steps", "2"], **env))
+def test_demo_script_runs_and_reruns(tmp_path, port):
+    env = dict(DEMO_OUTPUT=str(tmp_path / "demo"), MASTER_PORT=str(port), VRGD_VENV=sys.prefix)
+    first = succeeded(run_in_repo(["bash", REPO / "launch" / "demo.sh", "--max-steps", "2"], **env))
     meta = tmp_path / "demo" / "data" / "meta.json"
     prepared = meta.stat().st_mtime_ns
     assert "summary: " in first and summary_of(tmp_path / "demo")["steps"] == 2
-    second = succeeded(run(["bash", REPO / "launch" / "demo.sh", "--max-steps", "3"], **env))
+    second = succeeded(run_in_repo(["bash", REPO / "launch" / "demo.sh", "--max-steps", "3"], **env))
     assert meta.stat().st_mtime_ns == prepared and "wrote " not in second  # the data is reused
     summary = summary_of(tmp_path / "demo")
     assert (summary["optimizer"], summary["zero_stage"], summary["world_size"], summary["steps"]) == ("VRLAMB", 2, 2,
@@ -430,7 +414,8 @@ def test_zero3_and_offload_configs_train_the_zero2_trajectory(tmp_path, seq32):
     for base in ("cpu_demo_zero2_vrlamb.json", "cpu_demo_zero3_vrlamb.json", "cpu_demo_zero2_offload_vrlamb.json"):
         config = small_config(tmp_path / base, base=base, max_seq_len=32, steps=4)
         output = tmp_path / base.removesuffix(".json")
-        succeeded(run(deepspeed(*args(seq32, config, output, "--checkpoint-every", "2", "--eval-batches", "2"))))
+        succeeded(run_in_repo(deepspeed(*args(seq32, config, output, "--checkpoint-every", "2",
+                                              "--eval-batches", "2"))))
         summary = summary_of(output)
         assert summary["gsnr"]["gsnr_n"] == 4 and summary["final_train_loss"] < summary["initial_train_loss"]
         losses[base] = [r["loss"] for r in report.read_records(output) if r["event"] == "train"]

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tests.support.ds_harness import micro_batch
 from tests.support.reference import ReferenceVR
-from tests.support.launching import spawn_results
+from tests.support.launching import rank_env, spawn_results
 
 KIND, HYPER = "VRSGD", dict(lr=0.1, momentum=0.9, gamma=0.5)
 STEPS = 3
@@ -302,7 +302,7 @@ DDP_CASES = [_ddp_case(c, p) for c in TORCH_CHECKPOINTING for p in PATTERNS]
 
 
 def _ddp_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank_env(rank, WORLD, port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -413,8 +413,7 @@ def _ds_train(engine, case: dict, rank: int) -> list:
 
 
 def _ds_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    rank_env(rank, WORLD, port)
     import deepspeed
 
     import ds_vrgd

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from tests.support.ds_harness import loss_of, make_model, max_param_diff, micro_batch, reference
-from tests.support.launching import spawn_results
+from tests.support.launching import rank_env, spawn_results
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ CASES = [
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank_env(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -115,24 +115,21 @@ def test_four_ranks_match_single_process_reference(world4, case):
     assert max_param_diff(got["params"], want["params"]) < TOL
 
 
-def test_clipping_was_active_in_the_clipped_cases():
+def test_clipping_was_active_in_the_clipped_cases(small_model):
     """Guard for the cases above: with clip 0.02 the reference really clips (else it tests nothing)."""
     import torch
 
-    from tests.support.ds_harness import loss_of, make_model, micro_batch
+    from tests.support.ds_harness import loss_of, micro_batch
 
-    model = make_model()
-    loss_of(model, *micro_batch(0, 0, 0)).backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    loss_of(small_model, *micro_batch(0, 0, 0)).backward()
+    norm = torch.nn.utils.clip_grad_norm_(small_model.parameters(), float("inf"))
     assert norm > 0.02 * 10
 
 
-def test_memory_and_communication_bounds(world2):
+def test_memory_and_communication_bounds(world2, small_model):
     import math
 
-    from tests.support.ds_harness import make_model
-
-    total = sum(p.numel() for p in make_model().parameters())
+    total = sum(p.numel() for p in small_model.parameters())
     case = next(c for c in EQUIVALENCE_2 if c["stage"] == 2 and c["gas"] == 2 and c["optimizer"] == "VRLAMB")
     got = world2[id(case)]
     # two fp32 buffers (sums of squares and of samples, docs/design.md §3) exactly the size of
@@ -151,10 +148,8 @@ def test_memory_and_communication_bounds(world2):
     assert big["comm"]["collectives"] <= 2 * 2 * micro_steps  # two halves per backward, <= 2 destinations
 
 
-def test_stage0_keeps_full_replicated_buffer(world2):
-    from tests.support.ds_harness import make_model
-
-    total = sum(p.numel() for p in make_model().parameters())
+def test_stage0_keeps_full_replicated_buffer(world2, small_model):
+    total = sum(p.numel() for p in small_model.parameters())
     case = next(c for c in EQUIVALENCE_2 if c["stage"] == 0)
     assert world2[id(case)]["buffers"]["sq"] == 2 * total
 

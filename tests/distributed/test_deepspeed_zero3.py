@@ -9,7 +9,7 @@ reference from the same per-micro-batch gradients (tests/support/ds_harness.py) 
 import pytest
 
 from ds_vrgd.optim import VR_OPTIMIZERS
-from tests.support.ds_harness import make_model, max_param_diff, reference, results_by_case
+from tests.support.ds_harness import max_param_diff, reference, results_by_case
 
 pytestmark = pytest.mark.slow
 
@@ -95,10 +95,10 @@ def test_bf16_runs_close_to_fp32_reference(world2):
     assert max_param_diff(got["params"], want["params"]) < 1e-2
 
 
-def test_memory_and_communication_bounds(world2):
+def test_memory_and_communication_bounds(world2, small_model):
     """Q and S the size of the rank's partition (sub-groups summed), one bucket; every element
     of every parameter travels once per micro-step as (g^2, g)."""
-    total = sum(p.numel() for p in make_model().parameters())
+    total = sum(p.numel() for p in small_model.parameters())
     case = next(c for c in STAGE3_2 if c["optimizer"] == "VRLAMB" and c["gas"] == 2)
     got = world2[id(case)]
     assert got["buffers"]["sq"] == 2 * got["partition_numel"] < 2 * total

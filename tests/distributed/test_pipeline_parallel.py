@@ -13,7 +13,7 @@ import torch
 
 from ds_vrgd.optim import VR_OPTIMIZERS
 from tests.support.ds_harness import OPTIMIZER_PARAMS, MICRO_BATCH, make_model, max_param_diff, micro_batch, reference
-from tests.support.launching import spawn_results
+from tests.support.launching import rank_env, spawn_results
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,7 @@ def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(PP * DP),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    rank_env(rank, PP * DP, port)
     import deepspeed
     import torch.distributed as dist
     from deepspeed.pipe import PipelineModule
@@ -65,12 +64,12 @@ def results():
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['optimizer']}-zero{c['stage']}-gas{c['gas']}")
-def test_pp2_dp2_matches_the_single_process_reference(results, case):
+def test_pp2_dp2_matches_the_single_process_reference(results, small_model, case):
     states = results[id(case)]
     assert {s["stage"] for s in states} == {0, 1} and {s["data"] for s in states} == {0, 1}
     assert all(s["n"] == DP * case["gas"] for s in states)  # per stage: its data-parallel samples only
     replicas = [{k: v for s in states if s["data"] == d for k, v in s["params"].items()} for d in (0, 1)]
-    assert set(replicas[0]) == set(make_model().state_dict())  # the two stages hold the whole model
+    assert set(replicas[0]) == set(small_model.state_dict())  # the two stages hold the whole model
     want = reference(dict(case, steps=STEPS), DP)
     assert max_param_diff(replicas[0], want["params"]) < 1e-5
     assert max_param_diff(replicas[1], replicas[0]) == 0.0

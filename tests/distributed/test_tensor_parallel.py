@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from ds_vrgd.optim import VR_OPTIMIZERS
 from examples.megatron_tp import ParallelState, TensorParallelTokenModel, token_batch
-from tests.support.launching import spawn_results
+from tests.support import REPO
+from tests.support.launching import deepspeed_launch, rank_env, run_in_repo, spawn_results, succeeded
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +25,7 @@ PARAMS = {"lr": LR, "gamma": 0.5}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP * DP),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    rank_env(rank, TP * DP, port)
     import deepspeed
     import torch.distributed as dist
 
@@ -92,16 +92,10 @@ def test_tp2_dp2_matches_the_unsharded_reference(results, case):
 def test_the_example_under_the_deepspeed_launcher():
     """examples/megatron_tp.py as its docstring launches it: 4 ranks, TP 2 x DP 2, n = 2 x 2 accumulation."""
     import json
-    import sys
 
-    from tests.support import REPO as repo
-    from tests.support.launching import free_port, run
-
-    done = run([os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "4", "--master_port",
-                str(free_port()), os.path.join(repo, "examples", "megatron_tp.py"), "--deepspeed_config",
-                os.path.join(repo, "ds_configs", "cpu_tp2_zero1_vrlamb.json"), "--tensor-parallel", "2", "--steps", "20"],
-               env=dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(repo)), timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    steps = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"step"')]
+    stdout = succeeded(run_in_repo(deepspeed_launch(4, REPO / "examples" / "megatron_tp.py", "--deepspeed_config",
+                                                    REPO / "ds_configs" / "cpu_tp2_zero1_vrlamb.json",
+                                                    "--tensor-parallel", "2", "--steps", "20"), timeout=600))
+    steps = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"step"')]
     assert len(steps) == 20 and all(s["n"] == 4 for s in steps)
     assert sum(s["loss"] for s in steps[-5:]) < sum(s["loss"] for s in steps[:5])

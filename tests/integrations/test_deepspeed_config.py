@@ -1,14 +1,12 @@
 """ds_config integration: names, validation, unsupported settings, version pin, the launcher."""
 
 import json
-import os
-import sys
 
 import pytest
 
+from tests.support import REPO
 from tests.support.ds_harness import initialize_configs
-from tests.support import REPO, launching
-from tests.support.launching import free_port
+from tests.support.launching import deepspeed_launch, run_in_repo, succeeded
 
 
 def config(optimizer: dict, **extra) -> dict:
@@ -79,15 +77,9 @@ def test_one_sample_per_step_warns_and_falls_back(outcomes):
 
 def test_deepspeed_launcher_runs_a_repo_config(tmp_path):
     summary = tmp_path / "summary.json"
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-        os.path.join(REPO, "examples", "deepspeed_minimal.py"),
-        "--deepspeed_config", os.path.join(REPO, "ds_configs", "cpu_tiny_zero2_vrlamb.json"),
-        "--steps", "10", "--summary", str(summary),
-    ]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    done = launching.run(command, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    succeeded(run_in_repo(deepspeed_launch(2, REPO / "examples" / "deepspeed_minimal.py", "--deepspeed_config",
+                                           REPO / "ds_configs" / "cpu_tiny_zero2_vrlamb.json", "--steps", "10",
+                                           "--summary", summary), timeout=600))
     result = json.loads(summary.read_text())
     assert result["optimizer"] == "VRLAMB" and result["zero_stage"] == 2 and result["world_size"] == 2
     assert result["n"] == 4  # 2 ranks x 2 accumulation steps

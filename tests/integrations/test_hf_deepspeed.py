@@ -3,17 +3,15 @@ at ZeRO-2 and at ZeRO-3 (with and without offload; the model built inside deepsp
 
 import json
 import math
-import os
 
 import pytest
 
-from tests.support import SCRIPTS
-from tests.support.hf_harness import BIN, REPO, accelerate_launch, run
-from tests.support.launching import free_port
+from tests.support import REPO, SCRIPTS
+from tests.support.launching import accelerate_launch, deepspeed_launch, run_in_repo, succeeded
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = str(SCRIPTS / "hf_trainer_tiny.py")
+SCRIPT = SCRIPTS / "hf_trainer_tiny.py"
 
 
 def _check(result):
@@ -33,8 +31,7 @@ def _check(result):
 
 def test_trainer_deepspeed_argument_under_deepspeed_launcher(tmp_path):
     out = tmp_path / "result.json"
-    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), SCRIPT, str(out),
-         "--via-args"])
+    succeeded(run_in_repo(deepspeed_launch(2, SCRIPT, out, "--via-args")))
     _check(json.loads(out.read_text()))
 
 
@@ -42,6 +39,6 @@ def test_trainer_deepspeed_argument_under_deepspeed_launcher(tmp_path):
                                     "hf_auto_zero3_offload_vrlamb.json"])
 def test_trainer_under_accelerate_launch_with_deepspeed_config_file(tmp_path, config):
     out = tmp_path / "result.json"
-    run(accelerate_launch("--use_deepspeed", "--deepspeed_config_file", os.path.join(REPO, "ds_configs", config),
-                          SCRIPT, str(out)))
+    succeeded(run_in_repo(accelerate_launch("--use_deepspeed", "--deepspeed_config_file", REPO / "ds_configs" / config,
+                                            SCRIPT, out)))
     _check(json.loads(out.read_text()))

@@ -13,13 +13,12 @@ import sys
 import pytest
 import torch
 
-from tests.support import SCRIPTS
+from tests.support import REPO, SCRIPTS
 from tests.support.ds_harness import make_model, max_param_diff
-from tests.support.hf_harness import REPO, accelerate_launch, run
+from tests.support.launching import accelerate_launch, run_in_repo, succeeded
 from tests.support.scripts.hf_trainer_regression import ACCUMULATION, STEPS, reference
-from tests.support.launching import free_port
 
-REGRESSION = str(SCRIPTS / "hf_trainer_regression.py")
+REGRESSION = SCRIPTS / "hf_trainer_regression.py"
 
 
 def _ranks(out_dir, world: int) -> list[dict]:
@@ -42,7 +41,7 @@ def _check_against_reference(ranks: list[dict]) -> float:
 
 
 def test_single_process_trainer_samples_are_accumulation_micro_batches(tmp_path):
-    run([sys.executable, REGRESSION, str(tmp_path)])
+    succeeded(run_in_repo([sys.executable, REGRESSION, tmp_path]))
     [got] = _ranks(tmp_path, 1)
     assert got["world_size"] == 1 and got["wrapped"] == "Regression"
     assert got["n"] == ACCUMULATION
@@ -52,7 +51,7 @@ def test_single_process_trainer_samples_are_accumulation_micro_batches(tmp_path)
 @pytest.mark.slow
 def test_trainer_on_ddp_under_accelerate_launch_matches_reference(tmp_path):
     # --multi_gpu picks accelerate's torchrun launcher; without GPUs the ranks run on CPU with gloo
-    run(accelerate_launch("--multi_gpu", REGRESSION, str(tmp_path)))
+    succeeded(run_in_repo(accelerate_launch("--multi_gpu", REGRESSION, tmp_path)))
     ranks = _ranks(tmp_path, 2)
     assert [(r["world_size"], r["wrapped"], r["n"]) for r in ranks] == [(2, "DistributedDataParallel", 4)] * 2
     for micro in range(STEPS * ACCUMULATION):  # the ranks trained on different examples
@@ -60,9 +59,9 @@ def test_trainer_on_ddp_under_accelerate_launch_matches_reference(tmp_path):
     _check_against_reference(ranks)
 
 
-def test_optimizer_choices_accepted_and_refused_with_the_fix(tmp_path):
-    script = str(SCRIPTS / "hf_optimizer_choice.py")
-    errors = json.loads(run([sys.executable, script, str(tmp_path), str(free_port())]).splitlines()[-1])
+def test_optimizer_choices_accepted_and_refused_with_the_fix(tmp_path, port):
+    script = SCRIPTS / "hf_optimizer_choice.py"
+    errors = json.loads(succeeded(run_in_repo([sys.executable, script, tmp_path, port])).splitlines()[-1])
     accepted = ["vr_class", "vr_object", "config_names_vr", "vr_class_under_deepspeed"]
     assert {name: errors[name] for name in accepted} == dict.fromkeys(accepted, "accepted")
     how = "name a VR type in the DeepSpeed config"
@@ -97,10 +96,10 @@ def _tensorboard_scalars(log_dir) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["accelerate-deepspeed", "accelerate-ddp"])
-def test_mlm_example_through_its_launch_script(tmp_path, mode):
-    run(["bash", os.path.join(REPO, "launch", "hf_trainer_mlm.sh"), mode, "--output-dir", str(tmp_path),
-         "--max-steps", "4", "--max-bytes", "60000", "--per-device-batch-size", "2", "--report-to", "tensorboard"],
-        PORT=str(free_port()), VRGD_VENV=sys.prefix)
+def test_mlm_example_through_its_launch_script(tmp_path, port, mode):
+    succeeded(run_in_repo(["bash", REPO / "launch" / "hf_trainer_mlm.sh", mode, "--output-dir", tmp_path,
+                           "--max-steps", "4", "--max-bytes", "60000", "--per-device-batch-size", "2",
+                           "--report-to", "tensorboard"], PORT=str(port), VRGD_VENV=sys.prefix))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["optimizer"] == "VRLAMB" and metrics["deepspeed"] == (mode == "accelerate-deepspeed")
     assert metrics["world_size"] == 2 and metrics["n"] == metrics["gsnr_n"] == 2 * 2  # ranks x grad-accum

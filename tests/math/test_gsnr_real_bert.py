@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ds_vrgd.optim import VRSGD
 from tests.support.real_bert import bert_batches, bert_model, mlm_loss, pretrain_steps, sample_grads
 from tests.support.reference import gsnr_parts, moments, rho_from_moments_ref
-from tests.support.launching import spawn
+from tests.support.launching import rank_env, spawn
 
 GAMMA = 0.1
 RHO_TOL = 1e-3
@@ -168,8 +168,7 @@ def record_samples(named_params) -> dict[str, list]:
 
 
 def _worker(rank: int, world: int, port: int, mode: str, precision: str, gas: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    rank_env(rank, world, port)
     torch.set_num_threads(1)
     batches = torch.load(os.path.join(out_dir, "batches.pt"), weights_only=False)  # WordPiece training is not
     model = bert_model("tiny", batches)  # deterministic across processes: every rank takes the test's data

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ds_vrgd.optim import VR_OPTIMIZERS, VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW
-from tests.support.ds_harness import make_model, train_engine
+from tests.support.ds_harness import train_engine
 from tests.support.launching import free_port
 
 ALL = tuple(VR_OPTIMIZERS.values())
@@ -105,21 +105,20 @@ def _config(kind: str, **extra) -> dict:
 
 
 @pytest.mark.parametrize("kind", [" VRLAMB", "vrlamb ", "VrLaMb", "\tvrLAMB\n"])
-def test_vr_type_names_ignore_case_and_surrounding_whitespace(one_rank, kind):
-    model = make_model()
-    engine, _, _, _ = one_rank.initialize(model=model, model_parameters=model.parameters(), config=_config(kind))
+def test_vr_type_names_ignore_case_and_surrounding_whitespace(one_rank, small_model, kind):
+    engine, _, _, _ = one_rank.initialize(model=small_model, model_parameters=small_model.parameters(),
+                                          config=_config(kind))
     assert type(engine.basic_optimizer) is VRLAMB
     assert train_engine(engine, {"steps": 1, "gas": 2}, rank=0) == [0]
     assert engine.vr_optimizer.gsnr_stats()["n"] == 2
 
 
 @pytest.mark.parametrize("kind, suggestion", [("vrlambb", "VRLAMB"), (" lamb", "lamb"), ("nonsense", None)])
-def test_unknown_type_lists_the_valid_ones(one_rank, kind, suggestion):
+def test_unknown_type_lists_the_valid_ones(one_rank, small_model, kind, suggestion):
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
-    model = make_model()
     with pytest.raises(ValueError) as info:
-        one_rank.initialize(model=model, model_parameters=model.parameters(), config=_config(kind))
+        one_rank.initialize(model=small_model, model_parameters=small_model.parameters(), config=_config(kind))
     message = str(info.value)
     assert repr(kind) in message
     assert all(name in message for name in (*VR_OPTIMIZERS, *DEEPSPEED_OPTIMIZERS))
@@ -139,21 +138,21 @@ def test_build_optimizer_normalises_and_rejects_names():
 
 @pytest.mark.parametrize("client", [False, True], ids=["ds_config", "client_optimizer"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_at_stage_0_is_rejected_before_deepspeed_wraps_the_optimizer(one_rank, monkeypatch, precision,
-                                                                                    client):
+def test_low_precision_at_stage_0_is_rejected_before_deepspeed_wraps_the_optimizer(one_rank, monkeypatch, small_model,
+                                                                                    precision, client):
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)  # the CPU accelerator refuses fp16
     for wrap in ("_configure_fp16_optimizer", "_configure_bf16_optimizer", "_configure_zero_optimizer"):
         monkeypatch.setattr(DeepSpeedEngine, wrap, lambda *args: pytest.fail("DeepSpeed built its wrapper"))
-    model = make_model()
     config = _config("VRSGD", zero_optimization={"stage": 0}, **{precision: {"enabled": True}})
-    optimizer = VRSGD(model.parameters(), lr=0.1) if client else None
+    optimizer = VRSGD(small_model.parameters(), lr=0.1) if client else None
     if client:
         del config["optimizer"]
     with pytest.raises(ValueError) as info:
-        one_rank.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer, config=config)
+        one_rank.initialize(model=small_model, model_parameters=small_model.parameters(), optimizer=optimizer,
+                            config=config)
     assert str(info.value) == (
         "VRSGD cannot run with this DeepSpeed config: fp16/bf16 needs ZeRO stage 1, 2 or 3 with a VR optimizer: "
         "set zero_optimization.stage (or use fp32)"

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from tests.support.launching import spawn_results
+from tests.support.launching import rank_env, spawn_results
 
 MICRO_BATCH = 4
 LR = 0.01
@@ -109,10 +109,7 @@ def _result(engine, applied: list[int]) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str, fp16_on_cpu: bool) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
-    )
+    rank_env(rank, world, port)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -215,10 +212,7 @@ def _config_worker(rank: int, world: int, port: int, configs: list[dict], out_di
     """deepspeed.initialize on each raw config; record the optimizer type or the error message."""
     import warnings
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",
-    )
+    rank_env(rank, world, port)
     import deepspeed
 
     import ds_vrgd  # noqa: F401

@@ -1,5 +1,5 @@
-"""Starting test processes: free ports, spawned ranks and launcher commands, with one retry for a
-known crash at interpreter exit.
+"""Starting test processes: free ports, spawned ranks and their environment, launcher commands run from
+the repository root, with one retry for a known crash at interpreter exit.
 
 gloo (torch 2.13) sometimes aborts a process at interpreter teardown, after its work is done and its
 process group destroyed: "terminate called without an active exception", SIGABRT (seen in about one
@@ -13,20 +13,31 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
 
+from tests.support import REPO
+
 TEARDOWN_ABORT = "terminate called without an active exception"
+BIN = Path(sys.executable).parent  # the venv's launchers: deepspeed, accelerate
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> None:
+    """Set a spawned rank's environment: torch.distributed's env:// rendezvous on ``port``, DeepSpeed on CPU."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
 
 
 def spawn(worker: Callable, nprocs: int, args_for_port: Callable[[int], tuple]) -> None:
@@ -57,3 +68,28 @@ def run(command: list, **kwargs) -> subprocess.CompletedProcess:
             return done
         warnings.warn(f"{command[0]} exited {done.returncode} with the gloo teardown abort; running it again")
     return done
+
+
+def run_in_repo(command: list, timeout: float = 900, **env) -> subprocess.CompletedProcess:
+    """:func:`run` from the repository root on CPU, offline, ``tests`` importable, the venv's launchers first on
+    PATH, ``env`` added."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", **env)
+    return run([str(c) for c in command], cwd=REPO, env=env, timeout=timeout)
+
+
+def succeeded(done: subprocess.CompletedProcess) -> str:
+    """Assert that a run succeeded (else fail with the ends of its output); return its stdout."""
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def deepspeed_launch(num_gpus: int, *args) -> list:
+    """The ``deepspeed`` launcher with ``num_gpus`` ranks (CPU processes here) on a free port, then ``args``."""
+    return [BIN / "deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(free_port()), *args]
+
+
+def accelerate_launch(*flags: str) -> list:
+    """``accelerate launch`` with 2 processes on one machine, fp32, a free port, then ``flags`` (script, args)."""
+    return [BIN / "accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()), *flags]
