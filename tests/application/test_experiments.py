@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import _experiments
-import generalization_digits
-import mlm_large_batch
 
 from ds_vrgd.optim import VRSGD
 from ds_vrgd.pretrain.corpus import open_corpus
 from ds_vrgd.pretrain.data import PrepareOptions, prepare_pretraining_data
 from ds_vrgd.pretrain.models import MaskedPositionsMLM, build_bert_mlm
 from ds_vrgd.pretrain.train import mlm_loss
+
+# benchmarks/ is on pytest's pythonpath (pyproject.toml), as it is on sys.path when a benchmark script runs
+import _experiments
+import generalization_digits
+import mlm_large_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one torch thread (tests/conftest.py)
 
