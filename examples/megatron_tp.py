@@ -8,7 +8,7 @@ replicated LayerNorm and head. Its shards carry Megatron's marks
 GSNR sample per data-parallel rank and micro-batch (the tensor-parallel ranks
 of a replica see the same data) and sums each sharded layer's statistics over
 the tensor-parallel group, so rho and the LARS/LAMB trust ratios are those of
-the unsharded model (tests/test_tensor_parallel.py).
+the unsharded model (tests/distributed/test_tensor_parallel.py).
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 4 examples/megatron_tp.py \\
         --deepspeed_config ds_configs/cpu_tp2_zero1_vrlamb.json --tensor-parallel 2 --steps 20
