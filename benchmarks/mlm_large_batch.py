@@ -89,9 +89,8 @@ from _timing import machine, table, write_json
 from ds_vrgd.optim import VRLAMB
 from ds_vrgd.pretrain import data as pretrain_data
 from ds_vrgd.pretrain.models import MaskedPositionsMLM, build_bert_mlm
+from ds_vrgd.pretrain.plan import DEFAULT_POWER, DEFAULT_WARMUP
 from ds_vrgd.pretrain.train import (
-    DEFAULT_POWER,
-    DEFAULT_WARMUP,
     mlm_loss,
     parameter_groups,
     rank_micro_batches,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_vrgd.pretrain import data, report, train
+from ds_vrgd.pretrain import data, plan, report, train
 from ds_vrgd.pretrain.corpus import open_corpus
 from ds_vrgd.pretrain.models import MaskedPositionsMLM, build_bert_mlm
 from tests.support import REPO
@@ -85,7 +85,7 @@ def seq64(tmp_path_factory, seq32):
 
 
 def recipe_configs() -> list[Path]:
-    return sorted(p for p in CONFIGS.glob("*.json") if train.RECIPE_KEY in json.loads(p.read_text()))
+    return sorted(p for p in CONFIGS.glob("*.json") if plan.RECIPE_KEY in json.loads(p.read_text()))
 
 
 def fake_data(tmp_path: Path, recipe: dict) -> Path:
@@ -103,25 +103,25 @@ def fake_data(tmp_path: Path, recipe: dict) -> Path:
 def test_other_configs_validate_at_two_ranks(path):
     """Configs without a recipe: the trainer's optimizer and batch checks; Hugging Face Trainer fills "auto"
     values (ds_configs/hf_*.json, exercised by tests/integrations/test_hf_*.py)."""
-    config = train.load_ds_config(path)
+    config = plan.load_ds_config(path)
     if "auto" in json.dumps(config):
         assert path.name.startswith("hf_")
         return
-    assert train.check_optimizer(config, str(path))[0] == config["optimizer"]["type"]
-    train.batch_sizes(config, 2, str(path))
+    assert plan.check_optimizer(config, str(path))[0] == config["optimizer"]["type"]
+    plan.batch_sizes(config, 2, str(path))
 
 
 @pytest.mark.parametrize("path", recipe_configs(), ids=lambda p: p.stem)
 def test_recipe_config_plans_at_its_world_sizes(tmp_path, path):
     config = json.loads(path.read_text())
-    recipe = config[train.RECIPE_KEY]
+    recipe = config[plan.RECIPE_KEY]
     reference = recipe["reference_world_size"]
     for world in sorted({reference, 8, 64} if reference > 2 else {reference}):
-        plan = train.plan_run(train.parse_args(args(fake_data(tmp_path, recipe), path, tmp_path / "run")), world)
-        assert plan.global_batch == config["train_batch_size"] == plan.micro_batch * plan.gas * world
-        assert (plan.model, plan.steps, plan.seq_len) == (recipe["model"], recipe["steps"], recipe["max_seq_len"])
-        assert (plan.warmup_proportion, plan.decay_power) == (recipe["warmup_proportion"], recipe["decay_power"])
-        assert plan.optimizer == "VRLAMB" and plan.peak_lr == config["optimizer"]["params"]["lr"]
+        run = plan.plan_run(train.parse_args(args(fake_data(tmp_path, recipe), path, tmp_path / "run")), world)
+        assert run.global_batch == config["train_batch_size"] == run.micro_batch * run.gas * world
+        assert (run.model, run.steps, run.seq_len) == (recipe["model"], recipe["steps"], recipe["max_seq_len"])
+        assert (run.warmup_proportion, run.decay_power) == (recipe["warmup_proportion"], recipe["decay_power"])
+        assert run.optimizer == "VRLAMB" and run.peak_lr == config["optimizer"]["params"]["lr"]
 
 
 NVIDIA = {1: dict(train_batch_size=65536, lr=6e-3, warmup_proportion=0.2843, steps=7038, max_seq_len=128,
@@ -135,7 +135,7 @@ NVIDIA = {1: dict(train_batch_size=65536, lr=6e-3, warmup_proportion=0.2843, ste
 def test_gpu_recipes_mirror_nvidia_and_the_vrgd_scale(model, phase):
     def load(batch, optimizer):
         config = json.loads((CONFIGS / f"bert_{model}_phase{phase}_{batch}_{optimizer}.json").read_text())
-        flat = {**config, **config.pop(train.RECIPE_KEY), **config["optimizer"]["params"]}
+        flat = {**config, **config.pop(plan.RECIPE_KEY), **config["optimizer"]["params"]}
         return config, flat
 
     nvidia, base = NVIDIA[phase], NVIDIA[phase]["train_batch_size"] // 1024
@@ -222,7 +222,7 @@ def test_an_existing_run_is_neither_mixed_nor_lost(tmp_path, seq32, refuse_to_tr
 
 
 def test_a_missing_dependency_is_named_with_its_extra(tmp_path, seq32, refuse_to_train, monkeypatch):
-    monkeypatch.setattr(train, "NEEDED_MODULES", ("matplotlib", "no_such_module"))
+    monkeypatch.setattr(plan, "NEEDED_MODULES", ("matplotlib", "no_such_module"))
     with pytest.raises(SystemExit, match=r"needs no_such_module; pip install 'ds-vrgd\[all\]'"):
         train.main(args(seq32, CONFIGS / "cpu_demo_zero2_vrlamb.json", tmp_path / "run"))
 

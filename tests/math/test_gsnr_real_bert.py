@@ -41,7 +41,7 @@ class RecordingVRSGD(VRSGD):
     def _direction(self, group, block, rho, ops):
         if rho is not None:
             self.recorded.extend((piece, r.detach().clone()) for piece, r in zip(block.pieces, rho))
-        super()._direction(group, block, rho, ops)
+        return super()._direction(group, block, rho, ops)
 
 
 def recording_optimizer(params, **options) -> RecordingVRSGD:
