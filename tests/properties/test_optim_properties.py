@@ -324,38 +324,43 @@ def test_user_rescale_of_grad_keeps_rho(name, factors):
     _close(params, ref.params)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_loss_scale_then_unscale_is_invariant(name):
-    """loss * 1024 backward, then p.grad /= 1024 (manual GradScaler) == plain run."""
-    problem = Problem("model", n=3, steps=4, seed=4)
+def _assert_scaled_run_is_plain(name: str, seed: int, backward, step) -> None:
+    """A run whose micro-batch losses go through ``backward(loss)`` and whose steps go through
+    ``step(opt, params)`` ends at the parameters of the plain run."""
+    problem = Problem("model", n=3, steps=4, seed=seed)
     plain, _ = run_impl(problem, VR_OPTIMIZERS[name], gamma=0.5, **CFG[name])
     params = problem.make_params()
     opt = VR_OPTIMIZERS[name](params, gamma=0.5, **CFG[name])
     for t in range(problem.steps):
         for i in range(problem.n):
-            (problem.loss(params, t, i) * 1024.0).backward()
+            backward(problem.loss(params, t, i))
+        step(opt, params)
+        opt.zero_grad()
+    _close(params, plain)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_scale_then_unscale_is_invariant(name):
+    """loss * 1024 backward, then p.grad /= 1024 (manual GradScaler) == plain run."""
+
+    def unscale_and_step(opt, params):
         with torch.no_grad():
             for p in params:
                 p.grad.div_(1024.0)
         opt.step()
-        opt.zero_grad()
-    _close(params, plain)
+
+    _assert_scaled_run_is_plain(name, 4, lambda loss: (loss * 1024.0).backward(), unscale_and_step)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_grad_scaler_cpu(name):
-    problem = Problem("model", n=3, steps=4, seed=5)
-    plain, _ = run_impl(problem, VR_OPTIMIZERS[name], gamma=0.5, **CFG[name])
-    params = problem.make_params()
-    opt = VR_OPTIMIZERS[name](params, gamma=0.5, **CFG[name])
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
-    for t in range(problem.steps):
-        for i in range(problem.n):
-            scaler.scale(problem.loss(params, t, i)).backward()
+
+    def scaler_step(opt, params):
         scaler.step(opt)
         scaler.update()
-        opt.zero_grad()
-    _close(params, plain)
+
+    _assert_scaled_run_is_plain(name, 5, lambda loss: scaler.scale(loss).backward(), scaler_step)
 
 
 @pytest.mark.parametrize("name", NAMES)
