@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import os
 import re
 from typing import Any, Callable, Optional
 
@@ -457,6 +458,31 @@ def register() -> None:
     DeepSpeedEngine._is_supported_optimizer = is_supported_optimizer
     DeepSpeedEngine._configure_optimizer = configure_optimizer
     zero_utils.ZERO_SUPPORTED_OPTIMIZERS.extend(VR_OPTIMIZERS.values())
+
+
+CPU_ALLREDUCE_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+"""The shared-memory segment DeepSpeed's CPU communication op (csrc/cpu/comm/shm.cpp) creates per rank when all
+ranks are on one machine: mapped by every rank at initialisation, never unlinked (66 MiB of /dev/shm per rank
+per run, kept until reboot)."""
+
+
+def shutdown() -> None:
+    """End the distributed run on this rank, after its last collective.
+
+    Destroys DeepSpeed's process group (a clean gloo teardown: docs/deepspeed.md, "Ending a training
+    script") and unlinks this rank's CPU all-reduce buffer (:data:`CPU_ALLREDUCE_BUFFER`), which every rank
+    mapped at initialisation, so removing its name frees the memory once the processes exit. Where DeepSpeed
+    made no such buffer (accelerators, ranks on several machines) there is nothing to unlink.
+    """
+    rank = deepspeed.comm.get_rank()
+    deepspeed.comm.destroy_process_group()
+    if hasattr(os, "getuid"):
+        buffer = CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                             port=os.environ.get("MASTER_PORT", ""), rank=rank)
+        try:
+            os.unlink(buffer)
+        except FileNotFoundError:
+            pass
 
 
 def initialize(*args, **kwargs):

@@ -3,8 +3,9 @@
     deepspeed --num_gpus 2 examples/deepspeed_minimal.py \
         --deepspeed_config ds_configs/cpu_tiny_zero2_vrlamb.json --steps 20
 
-(on CPU: export DS_ACCELERATOR=cpu). The only ds_vrgd line is
-``import ds_vrgd``; the optimizer comes from the config's "optimizer" block.
+(on CPU: export DS_ACCELERATOR=cpu). The ds_vrgd lines are ``import ds_vrgd``
+(the optimizer comes from the config's "optimizer" block) and the closing
+``ds_vrgd.deepspeed.shutdown()``.
 A small MLP learns scikit-learn's digits; rank 0 prints one JSON line per
 step with the loss and the GSNR statistics, and writes ``--summary`` at the end.
 """
@@ -18,7 +19,7 @@ import deepspeed
 import torch
 from sklearn.datasets import load_digits
 
-import ds_vrgd  # noqa: F401  registers VRSGD ... VRLAMB as ds_config optimizer types
+import ds_vrgd.deepspeed  # registers VRSGD ... VRLAMB as ds_config optimizer types
 
 
 def parse_args():
@@ -64,7 +65,7 @@ def main() -> None:
                    "n": engine.vr_optimizer.gsnr_stats()["n"]}
         with open(args.summary, "w") as f:
             json.dump(summary, f)
-    deepspeed.comm.destroy_process_group()
+    ds_vrgd.deepspeed.shutdown()  # also frees DeepSpeed's shared-memory buffer on CPU
 
 
 if __name__ == "__main__":

@@ -164,6 +164,7 @@ def main() -> None:
     import deepspeed
 
     import ds_vrgd
+    import ds_vrgd.deepspeed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deepspeed_config", required=True)
@@ -187,7 +188,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(json.dumps({"step": step + 1, "loss": round(loss.item(), 4), "n": stats.get("n"),
                               "gsnr_mean": stats.get("gsnr_mean")}), flush=True)
-    deepspeed.comm.destroy_process_group()
+    ds_vrgd.deepspeed.shutdown()  # also frees DeepSpeed's shared-memory buffer on CPU
 
 
 if __name__ == "__main__":

@@ -368,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29500"}.items():
         os.environ.setdefault(key, value)  # a plain `python -m ds_vrgd.pretrain` is one rank
-    from deepspeed import comm as dist
+    from ds_vrgd.deepspeed import shutdown
 
     summary = train(plan)
-    dist.destroy_process_group()  # a clean exit: gloo aborts now and then when torn down at interpreter exit
+    shutdown()
     if int(os.environ["RANK"]) == 0:
         print(report.format_summary(summary))
     return 0

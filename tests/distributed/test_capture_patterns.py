@@ -430,7 +430,8 @@ def _ds_worker(rank, port, out_dir):
             results[name] = {"error": str(error)}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    deepspeed.comm.destroy_process_group()
+    from ds_vrgd.deepspeed import shutdown
+    shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results.append(states)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    deepspeed.comm.destroy_process_group()
+    from ds_vrgd.deepspeed import shutdown
+    shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                         "stats": engine.vr_optimizer.gsnr_stats(), "comm": dict(engine.vr_optimizer._moments.comm)})
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    deepspeed.comm.destroy_process_group()
+    from ds_vrgd.deepspeed import shutdown
+    shutdown()
 
 
 def reference(case: dict) -> dict:

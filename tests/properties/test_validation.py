@@ -95,7 +95,8 @@ def one_rank():
 
         deepspeed.init_distributed(dist_backend="gloo")
         yield deepspeed
-        deepspeed.comm.destroy_process_group()
+        from ds_vrgd.deepspeed import shutdown
+        shutdown()
 
 
 def _config(kind: str, **extra) -> dict:

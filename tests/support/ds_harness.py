@@ -136,7 +136,8 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str, f
             results[-1]["exported"] = _export(engine, os.path.join(out_dir, f"export{len(results)}"))
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    deepspeed.comm.destroy_process_group()
+    from ds_vrgd.deepspeed import shutdown
+    shutdown()
 
 
 def _export(engine, directory: str) -> dict:
@@ -233,7 +234,8 @@ def _config_worker(rank: int, world: int, port: int, configs: list[dict], out_di
         outcomes.append(outcome)
     if rank == 0:
         torch.save(outcomes, os.path.join(out_dir, "results.pt"))
-    deepspeed.comm.destroy_process_group()
+    from ds_vrgd.deepspeed import shutdown
+    shutdown()
 
 
 def initialize_configs(configs: list[dict], world: int = 1) -> list[dict]:

@@ -93,3 +93,32 @@ def accelerate_launch(*flags: str) -> list:
     """``accelerate launch`` with 2 processes on one machine, fp32, a free port, then ``flags`` (script, args)."""
     return [BIN / "accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
             "--dynamo_backend", "no", "--main_process_port", str(free_port()), *flags]
+
+
+def release_unmapped_cpu_buffers() -> list[str]:
+    """Unlink the CPU all-reduce buffers of DeepSpeed runs that ended without ``ds_vrgd.deepspeed.shutdown()``
+    (a failed rank, an HF/accelerate run): those no live process maps. A mapped one belongs to a running job
+    (another test session, a demo) and stays. Returns the unlinked paths."""
+    import glob
+
+    from ds_vrgd.deepspeed import CPU_ALLREDUCE_BUFFER
+
+    pattern = CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr="*", port="*", rank="*")
+    buffers = glob.glob(pattern)
+    if not buffers:
+        return []
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                mapped.update(line.split(maxsplit=5)[-1].strip() for line in f if "deepspeed_allreduce_buffer" in line)
+        except OSError:  # the process ended meanwhile, or is not ours to read
+            continue
+    unlinked = [path for path in buffers if path not in mapped]
+    for path in unlinked:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return unlinked
+
