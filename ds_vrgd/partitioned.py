@@ -164,8 +164,8 @@ class PartitionedMoments:
         name = self.layers[index].name
         if self._local_grad is None:
             return (f"{name} received a second gradient within one engine.backward (a weight used in several "
-                    "reentrant-checkpointed segments), which DeepSpeed ZeRO-2 cannot reduce twice: use activation "
-                    "checkpointing with use_reentrant=False, or ZeRO stage 0/1")
+                    "reentrant-checkpointed segments), which DeepSpeed cannot reduce twice when it partitions "
+                    "gradients (ZeRO-2 and 3): use activation checkpointing with use_reentrant=False, or ZeRO stage 0/1")
         return (f"{name} received a second gradient within one engine.backward (a weight used in several "
                 "reentrant-checkpointed segments), first seen when its gradient already held earlier micro-steps: "
                 "use activation checkpointing with use_reentrant=False")

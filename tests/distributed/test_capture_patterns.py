@@ -380,6 +380,7 @@ DS_CASES = {
     "zero2-autograd-grad-outside-backward": dict(checkpointing=None, pattern="distinct", outside="grad"),
     # last: the errors leave their engines half-way through a backward
     "zero2-reentrant-shared": dict(checkpointing="reentrant", pattern="shared"),
+    "zero3-reentrant-shared": dict(checkpointing="reentrant", pattern="shared", stage=3),
     "zero2-direct-loss-backward": dict(checkpointing=None, pattern="distinct", outside="backward"),
 }
 
@@ -441,7 +442,7 @@ def ds_results():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, c in DS_CASES.items() if n not in (
-    "zero2-reentrant-shared", "zero2-direct-loss-backward")])
+    "zero2-reentrant-shared", "zero3-reentrant-shared", "zero2-direct-loss-backward")])
 def test_deepspeed_checkpointing(ds_results, name):
     case, got = DS_CASES[name], ds_results[name]
     assert "error" not in got, got
@@ -450,11 +451,13 @@ def test_deepspeed_checkpointing(ds_results, name):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_shared_weight_under_reentrant_checkpointing_raises(ds_results):
-    """DeepSpeed ZeRO-2 cannot reduce a gradient twice per backward; ds_vrgd says so first, with the fix."""
-    error = ds_results["zero2-reentrant-shared"]["error"]
-    print("\n" + error)
-    assert error.startswith("a.") and "use_reentrant=False" in error
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_partitioned_shared_weight_under_reentrant_checkpointing_raises(ds_results, stage):
+    """DeepSpeed with partitioned gradients (ZeRO-2/3) cannot reduce a gradient twice per backward; ds_vrgd says
+    so first, with the fix."""
+    got = ds_results[f"zero{stage}-reentrant-shared"]
+    print("\n" + str(got))
+    assert got["error"].startswith("a.") and "use_reentrant=False" in got["error"]
 
 
 @pytest.mark.slow
