@@ -3,7 +3,7 @@
 ``from ds_vrgd.optim import VRLAMB`` gives the optimizers (:mod:`ds_vrgd.optim`). ``import ds_vrgd``
 also registers them as ds_config optimizer types (:func:`ds_vrgd.deepspeed.register`), at once or,
 by an import hook, right after DeepSpeed's first import; ``ds_vrgd.initialize`` is a drop-in for
-``deepspeed.initialize``. Why the hook: docs/deepspeed.md, "Registration and the ds_config".
+``deepspeed.initialize``, and ``ds_vrgd.shutdown`` ends a run. Why the hook: docs/deepspeed.md, "Registration and the ds_config".
 """
 
 import importlib.abc
@@ -68,6 +68,14 @@ def initialize(*args, **kwargs):
     from ds_vrgd.deepspeed import initialize as ds_initialize
 
     return ds_initialize(*args, **kwargs)
+
+
+def shutdown() -> None:
+    """The end of a DeepSpeed run on this rank (:func:`ds_vrgd.deepspeed.shutdown`): destroys the process group
+    and frees the shared memory DeepSpeed's CPU communication leaves behind."""
+    from ds_vrgd.deepspeed import shutdown as ds_shutdown
+
+    ds_shutdown()
 
 
 if "deepspeed" in sys.modules:

@@ -469,13 +469,20 @@ per run, kept until reboot)."""
 def shutdown() -> None:
     """End the distributed run on this rank, after its last collective.
 
-    Destroys DeepSpeed's process group (a clean gloo teardown: docs/deepspeed.md, "Ending a training
-    script") and unlinks this rank's CPU all-reduce buffer (:data:`CPU_ALLREDUCE_BUFFER`), which every rank
-    mapped at initialisation, so removing its name frees the memory once the processes exit. Where DeepSpeed
-    made no such buffer (accelerators, ranks on several machines) there is nothing to unlink.
+    Destroys the process group if one is up (a clean gloo teardown: docs/deepspeed.md, "Ending a training
+    script") and unlinks this rank's CPU all-reduce buffer (:data:`CPU_ALLREDUCE_BUFFER`; rank from the group,
+    else ``RANK``). Every rank mapped every buffer at initialisation, so removing the names frees the memory
+    once the processes exit. Where DeepSpeed made no such buffer (accelerators, ranks on several machines,
+    launchers that do not set ``LOCAL_SIZE``) there is nothing to unlink.
     """
-    rank = deepspeed.comm.get_rank()
-    deepspeed.comm.destroy_process_group()
+    if deepspeed.comm.is_initialized():  # DeepSpeed's destroy also drops its references to the groups
+        rank = deepspeed.comm.get_rank()
+        deepspeed.comm.destroy_process_group()
+    elif dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+    else:
+        rank = int(os.environ.get("RANK", "0"))
     if hasattr(os, "getuid"):
         buffer = CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
                                              port=os.environ.get("MASTER_PORT", ""), rank=rank)

@@ -5,7 +5,7 @@
 
 (on CPU: export DS_ACCELERATOR=cpu). The ds_vrgd lines are ``import ds_vrgd``
 (the optimizer comes from the config's "optimizer" block) and the closing
-``ds_vrgd.deepspeed.shutdown()``.
+``ds_vrgd.shutdown()``.
 A small MLP learns scikit-learn's digits; rank 0 prints one JSON line per
 step with the loss and the GSNR statistics, and writes ``--summary`` at the end.
 """
@@ -19,7 +19,7 @@ import deepspeed
 import torch
 from sklearn.datasets import load_digits
 
-import ds_vrgd.deepspeed  # registers VRSGD ... VRLAMB as ds_config optimizer types
+import ds_vrgd  # registers VRSGD ... VRLAMB as ds_config optimizer types
 
 
 def parse_args():
@@ -65,7 +65,7 @@ def main() -> None:
                    "n": engine.vr_optimizer.gsnr_stats()["n"]}
         with open(args.summary, "w") as f:
             json.dump(summary, f)
-    ds_vrgd.deepspeed.shutdown()  # also frees DeepSpeed's shared-memory buffer on CPU
+    ds_vrgd.shutdown()  # destroys the process group; also frees DeepSpeed's shared memory on CPU
 
 
 if __name__ == "__main__":

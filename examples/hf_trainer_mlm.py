@@ -155,6 +155,7 @@ def main(argv=None) -> dict:
         with open(os.path.join(cli.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
     trainer.accelerator.end_training()  # destroys the process group: a clean exit for gloo
+    ds_vrgd.shutdown()  # under the deepspeed launcher, frees DeepSpeed's shared memory on CPU
     return metrics
 
 

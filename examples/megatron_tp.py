@@ -164,7 +164,6 @@ def main() -> None:
     import deepspeed
 
     import ds_vrgd
-    import ds_vrgd.deepspeed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--deepspeed_config", required=True)
@@ -188,7 +187,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(json.dumps({"step": step + 1, "loss": round(loss.item(), 4), "n": stats.get("n"),
                               "gsnr_mean": stats.get("gsnr_mean")}), flush=True)
-    ds_vrgd.deepspeed.shutdown()  # also frees DeepSpeed's shared-memory buffer on CPU
+    ds_vrgd.shutdown()  # destroys the process group; also frees DeepSpeed's shared memory on CPU
 
 
 if __name__ == "__main__":
