@@ -9,6 +9,7 @@ patched or read is in :data:`DEEPSPEED_INTERNALS`, checked at import with the ve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -486,10 +487,8 @@ def shutdown() -> None:
     if hasattr(os, "getuid"):
         buffer = CPU_ALLREDUCE_BUFFER.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
                                              port=os.environ.get("MASTER_PORT", ""), rank=rank)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(buffer)
-        except FileNotFoundError:
-            pass
 
 
 def initialize(*args, **kwargs):

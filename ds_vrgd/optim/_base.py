@@ -272,7 +272,7 @@ class VROptimizer(Optimizer):
 
     def _phase3(self, groups: list[GroupStep], table: gsnr.LayerTable, updates: Updates, sums: LayerSums) -> None:
         """LARS/LAMB: trust ratio per layer from the reduced norms, then each block's update."""
-        weight, update = sums.sqrt("weight_sq"), sums.sqrt("update_sq")
+        weight, update = sums.sqrt("weight_sq", "update_sq")
         exempt = [ndim <= 1 for ndim in table.layer_ndim]
         for g, group_updates in zip(groups, updates):
             ratios = [1.0 if (exempt[layer] and g.group["exclude_1d"]) else self._trust_ratio(g.group, w, u)

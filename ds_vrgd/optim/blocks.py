@@ -55,9 +55,9 @@ class LayerSums:
     def __getitem__(self, row: str) -> list[float]:
         return self._values[self.rows.index(row)]
 
-    def sqrt(self, row: str) -> list[float]:
-        """The square roots of a row (fp32, as the sums)."""
-        return self.sums[self.rows.index(row)].sqrt().tolist()
+    def sqrt(self, *rows: str) -> list[list[float]]:
+        """The square roots of the named rows (fp32, as the sums), with one host sync."""
+        return self.sums[[self.rows.index(row) for row in rows]].sqrt().tolist()
 
 
 class Block:
@@ -75,9 +75,6 @@ class Block:
         self.steps: list[int] = [int(state[piece.owner]["step"]) + 1 for piece in pieces]
         self.is_matrix: list[bool] = [table.layer_ndim[piece.layer] > 1 for piece in pieces]
         self._state = state
-
-    def __len__(self) -> int:
-        return len(self.pieces)
 
     def state(self, key: str, dtype: Optional[torch.dtype] = None) -> TensorList:
         """Views of the per-element state ``key`` (created as zeros like the owner)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from ds_vrgd import gsnr
@@ -29,11 +29,6 @@ class VROptions:
     gsnr_warmup_steps: int = 0
     gsnr_ema: float = 0.0
     vr: bool = True
-
-    @classmethod
-    def names(cls) -> list[str]:
-        """The option names, in declaration order."""
-        return [f.name for f in fields(cls)]
 
 
 VR_DEFAULTS = asdict(VROptions())
@@ -111,6 +106,6 @@ def split_vr_options(cls: type, keywords: dict) -> dict:
     if unknown:
         own = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params", "vr_options")]
         raise ValueError(
-            f"{cls.__name__} got unknown option(s) {unknown}; valid options are: {', '.join(own + VROptions.names())}"
+            f"{cls.__name__} got unknown option(s) {unknown}; valid options are: {', '.join(own + list(VR_DEFAULTS))}"
         )
     return {**VR_DEFAULTS, **keywords}

@@ -10,6 +10,7 @@ is run once more, with a warning in the test report; a second abort, or any othe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -116,9 +117,7 @@ def release_unmapped_cpu_buffers() -> list[str]:
             continue
     unlinked = [path for path in buffers if path not in mapped]
     for path in unlinked:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
     return unlinked
 
