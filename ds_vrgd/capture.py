@@ -196,11 +196,14 @@ class BackwardHookMoments:
     records_grad_norm_after_backward = True
     """Record ||p.grad|| after each backward (subclasses that know it later turn this off)."""
 
-    def __init__(self) -> None:
+    def __init__(self, due: Optional[Callable[[], bool]] = None) -> None:
+        """``due()``: whether the coming step takes samples (the optimizer's ``samples_due``); default always."""
+        self._due = due if due is not None else (lambda: True)
         self._captures: dict[int, _ParamCapture] = {}
         self._generation = 0
         self._micro_step = 0  # id of the latest micro-step (never reused)
         self._in_micro_step = False
+        self._capturing = True  # in this micro-step
         self._held: list[_ParamCapture] = []  # captures with a pending sum in this micro-step
         self._backward = OutermostBackward(self._end_micro_step)
 
@@ -234,7 +237,10 @@ class BackwardHookMoments:
             if not self._in_micro_step:
                 self._in_micro_step = True
                 self._micro_step += 1
+                self._capturing = self.samples_wanted()
             self._backward.arm()
+            if not self._capturing:
+                return
             with torch.no_grad():
                 self._record(param, capture, grad, had_grad)
                 if self.records_grad_norm_after_backward:
@@ -303,6 +309,10 @@ class BackwardHookMoments:
             self._settle(capture)
         self._held = []
         self._in_micro_step = False
+
+    def samples_wanted(self) -> bool:
+        """Whether this step's backward passes are samples (no capture on the optimizer's other steps)."""
+        return self._due()
 
     def _current(self, param: Tensor) -> Optional[_ParamCapture]:
         capture = self._captures.get(id(param))

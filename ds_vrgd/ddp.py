@@ -25,13 +25,14 @@ from ds_vrgd.optim import VROptimizer
 class DDPMoments(BackwardHookMoments):
     """Backward-pass samples of every rank, reduced by :func:`gsnr_allreduce_hook`.
 
-    ``process_group``: the ranks DDP reduces over (None: the default group).
+    ``process_group``: the ranks DDP reduces over (None: the default group); ``due``: as
+    :class:`~ds_vrgd.capture.BackwardHookMoments`.
     """
 
     records_grad_norm_after_backward = False
 
-    def __init__(self, process_group=None):
-        super().__init__()
+    def __init__(self, process_group=None, due=None):
+        super().__init__(due)
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self._reduced: set[int] = set()  # captures whose sums hold all ranks' samples (after a reduction)
@@ -109,6 +110,9 @@ def gsnr_allreduce_hook(state: DDPMoments, bucket: dist.GradBucket) -> torch.fut
     averaged flat gradient (the bucket's buffer), as DDP's default hook.
     """
     grads, params = bucket.buffer(), bucket.parameters()
+    if not state.samples_wanted():  # a step without statistics: the gradient alone
+        return dist.all_reduce(grads, group=state.group, async_op=True).get_future().then(
+            lambda fut: fut.value()[0].div_(state.world_size))
     squares = state.bucket_moments(params, sample_sums=keeps_sample_sum(grads.dtype))
     numel = grads.numel()
     if grads.dtype == torch.float32:
@@ -143,7 +147,7 @@ def enable_gsnr(model: DistributedDataParallel, optimizer: VROptimizer, process_
     if not isinstance(optimizer, VROptimizer):
         raise ValueError(f"enable_gsnr needs a ds_vrgd VR optimizer, got {type(optimizer).__name__}")
     group: Optional[object] = process_group if process_group is not None else model.process_group
-    source = DDPMoments(group)
+    source = DDPMoments(group, due=optimizer.samples_due)
     optimizer.use_moments(source)
     names = {id(p): name for name, p in model.module.named_parameters()}
     params = [p for g in optimizer.param_groups if g["vr"] for p in g["params"]]

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import json
 import os
 import re
 from typing import Any, Callable, Optional
@@ -24,8 +25,10 @@ from packaging.version import Version
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
@@ -38,7 +41,7 @@ from deepspeed.utils import logger
 
 from ds_vrgd.gsnr import LOG_FIELDS
 from ds_vrgd.optim import VR_OPTIMIZERS, VROptimizer
-from ds_vrgd.partitioned import REPLICATED, Layer, OwnedSlice, PartitionedMoments
+from ds_vrgd.partitioned import REPLICATED, Layer, OwnedSlice, PartitionedMoments, Reduction
 
 SUPPORTED_DEEPSPEED = (Version("0.19.8"), Version("0.20"))
 MONITOR_PREFIX = "Train/Samples/"
@@ -56,9 +59,12 @@ DEEPSPEED_INTERNALS = (
                       "zero_optimization_partition_gradients zero_reduce_bucket_size zero_offload_optimizer "
                       "zero_offload_param zero_cpu_offload zero_partial_offload super_offload zero_hpz_partition_size "
                       "zero_quantized_weights zero_quantized_gradients fp16_enabled bfloat16_enabled "
-                      "train_micro_batch_size_per_gpu", ("self",)),
+                      "train_micro_batch_size_per_gpu is_gradient_accumulation_boundary", ("self",)),
+    (DeepSpeedEngine, "clip_fp32_gradients", ("self",)),  # wrapped by attach(): the rescale of ZeRO 0's gradient
+    (DeepSpeedEngine, "communication_data_type", ATTRIBUTE),  # a property: the dtype the gradient is reduced in
     (DeepSpeedEngine, "optimizer basic_optimizer mpu pipeline_parallelism sequence_parallel_size _config "
-                      "_step_applied global_samples monitor", ASSIGNED),
+                      "_step_applied global_samples monitor gradient_average", ASSIGNED),
+    (PipelineEngine, "micro_batches", ASSIGNED),  # its last backward pass is the step's last micro-step
     (DeepSpeedConfig, "zero_config", ASSIGNED),
     (DeepSpeedZeroConfig, "zenflow", ATTRIBUTE),
     (PipelineModule, "tied_comms", ASSIGNED),
@@ -67,6 +73,15 @@ DEEPSPEED_INTERNALS = (
     (zero_utils, "ZERO_SUPPORTED_OPTIMIZERS", ATTRIBUTE),  # extended by register()
     (DeepSpeedZeroOptimizer, "round_robin_bit16_groups round_robin_bit16_offsets parallel_partitioned_bit16_groups "
                              "single_partition_of_fp32_groups real_dp_process_group", ASSIGNED),
+    # wrapped by attach() (the rescale of the reduced gradient, where the mean comes from it)
+    (DeepSpeedZeroOptimizer, "unscale_and_clip_grads", ("self", "grad_groups_flat", "total_norm")),
+    (DeepSpeedZeroOptimizer_Stage3, "unscale_and_clip_grads", ("args", "kwargs")),  # (sub_group_id, total_norm)
+    (BF16_Optimizer, "get_grads_for_norm", ("self", "for_clipping")),
+    (BF16_Optimizer, "bf16_groups bf16_groups_flat fp32_groups_flat_partition real_dp_process_group grad_acc_dtype",
+     ASSIGNED),
+    (FP16_UnfusedOptimizer, "fp16_groups fp32_groups", ASSIGNED),
+    # replaced by register(): a VR optimizer makes its state at its first step, not in a zero-gradient step
+    (FP16_UnfusedOptimizer, "initialize_optimizer_states", ("self",)),
     (stage_1_and_2, "grad_accum", ASSIGNED),  # ZeRO 1 accumulates the gradient there
     (DeepSpeedZeroOptimizer_Stage3, "fp16_groups fp32_partitioned_groups_flat grad_position", ASSIGNED),
     (DeepSpeedZeroOptimizer_Stage3, "get_param_id", ("self", "param")),
@@ -188,17 +203,23 @@ def build_optimizer(name: str, model_parameters: Any, params: Optional[dict]) ->
     return cls(model_parameters, **params)
 
 
+SUPPORTED_WRAPPERS = (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer, FP16_UnfusedOptimizer,
+                      VROptimizer)
+"""What DeepSpeed may wrap a VR optimizer in: ZeRO 1/2 and 3, BF16_Optimizer (bf16 with fp32 gradient
+accumulation at ZeRO 1, bf16 pipelines at ZeRO 0), FP16_UnfusedOptimizer (fp16 and bf16 at ZeRO 0), or
+nothing (fp32 at ZeRO 0)."""
+
+
 def _reject_unsupported(engine: DeepSpeedEngine, optimizer: VROptimizer | type[VROptimizer]) -> None:
     """ValueError listing the engine settings a VR optimizer cannot run under (each with what is
-    supported) and, once DeepSpeed built its optimizer, a wrapper other than ZeRO 1/2/3.
+    supported) and, once DeepSpeed built its optimizer, a wrapper not in :data:`SUPPORTED_WRAPPERS`.
     ``optimizer``: the VR optimizer, or its class when called before DeepSpeed built anything."""
     name = optimizer.__name__ if isinstance(optimizer, type) else type(optimizer).__name__
     problems = [problem for problem in _config_problems(engine) if problem]
     wrapper = engine.optimizer
-    supported = (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, VROptimizer)
-    if not problems and wrapper is not None and not isinstance(wrapper, supported):
-        problems.append(f"DeepSpeed's optimizer wrapper {type(wrapper).__name__} (supported: ZeRO stages 0-3 in fp32, "
-                        "1-3 in fp16/bf16)")
+    if not problems and wrapper is not None and not isinstance(wrapper, SUPPORTED_WRAPPERS):
+        problems.append(f"DeepSpeed's optimizer wrapper {type(wrapper).__name__} (supported: ZeRO stages 0-3, "
+                        "BF16_Optimizer, FP16_UnfusedOptimizer)")
     if problems:
         raise ValueError(f"{name} cannot run with this DeepSpeed config: " + "; ".join(problems))
 
@@ -230,8 +251,6 @@ def _config_problems(engine: DeepSpeedEngine) -> list[Optional[str]]:
          and "sequence parallelism (supported: data and Megatron-style tensor parallelism)"),
         (engine.mpu is not None and stage == 3
          and "ZeRO-3 with a model-parallel mpu (supported with tensor parallelism: stages 0-2)"),
-        (stage == 0 and (engine.fp16_enabled() or engine.bfloat16_enabled())
-         and "fp16/bf16 needs ZeRO stage 1, 2 or 3 with a VR optimizer: set zero_optimization.stage (or use fp32)"),
     ]
 
 
@@ -240,27 +259,61 @@ def _names(engine: DeepSpeedEngine) -> dict[int, str]:
     return {id(p): name for name, p in engine.module.named_parameters()}
 
 
+def _flat_group_layers(params: list, offsets: list[int], partition_sizes: list[int], rank: int, owner: torch.Tensor,
+                       names: dict[int, str], group: int) -> list[Layer]:
+    """Layers of flat group ``group`` split into consecutive rank partitions (ZeRO 1/2, BF16_Optimizer): each
+    parameter, at ``offsets`` in the flat group, in the slices of the partitions it overlaps; this rank's
+    partition is ``owner`` (its fp32 copy)."""
+    bounds, start = [], 0
+    for size in partition_sizes:
+        bounds.append((start, start + size))
+        start += size
+    layers = []
+    for param, offset in zip(params, offsets):
+        slices = []
+        for r, (low, high) in enumerate(bounds):
+            first, last = max(low, offset), min(high, offset + param.numel())
+            if first < last:
+                slices.append(OwnedSlice(r, first - offset, last - first, owner if r == rank else None, first - low))
+        name = names.get(id(param), f"group{group}.param{len(layers)}")
+        layers.append(Layer(name, param, tuple(slices), param.numel(), param.ndim))
+    return layers
+
+
 def _zero_layers(zero: DeepSpeedZeroOptimizer, names: dict[int, str]) -> list[Layer]:
     """Layers of a ZeRO 1/2 optimizer: each parameter's slices in each rank's flat partition."""
     layers = []
     for group, params in enumerate(zero.round_robin_bit16_groups):
-        partitions = zero.parallel_partitioned_bit16_groups[group]
-        rank = dist.get_rank(group=zero.real_dp_process_group[group])
-        owner = zero.single_partition_of_fp32_groups[group]
-        bounds, start = [], 0
-        for partition in partitions:
-            bounds.append((start, start + partition.numel()))
-            start += partition.numel()
-        for param, offset in zip(params, zero.round_robin_bit16_offsets[group]):
-            slices = []
-            for r, (low, high) in enumerate(bounds):
-                first, last = max(low, offset), min(high, offset + param.numel())
-                if first < last:
-                    mine = owner if r == rank else None
-                    slices.append(OwnedSlice(r, first - offset, last - first, mine, first - low))
-            name = names.get(id(param), f"group{group}.param{len(layers)}")
-            layers.append(Layer(name, param, tuple(slices), param.numel(), param.ndim))
+        layers += _flat_group_layers(
+            params, zero.round_robin_bit16_offsets[group],
+            [partition.numel() for partition in zero.parallel_partitioned_bit16_groups[group]],
+            dist.get_rank(group=zero.real_dp_process_group[group]), zero.single_partition_of_fp32_groups[group],
+            names, group)
     return layers
+
+
+def _bf16_layers(bf16: BF16_Optimizer, names: dict[int, str]) -> list[Layer]:
+    """Layers of a BF16_Optimizer: its bf16 parameters lie in order in one flat tensor per group, cut into
+    equal rank partitions; this rank's fp32 partition is the owner."""
+    layers = []
+    for group, params in enumerate(bf16.bf16_groups):
+        world = dist.get_world_size(group=bf16.real_dp_process_group[group])
+        offsets = [sum(p.numel() for p in params[:i]) for i in range(len(params))]
+        layers += _flat_group_layers(
+            params, offsets, [bf16.bf16_groups_flat[group].numel() // world] * world,
+            dist.get_rank(group=bf16.real_dp_process_group[group]), bf16.fp32_groups_flat_partition[group],
+            names, group)
+    return layers
+
+
+def _unfused_layers(wrapper: FP16_UnfusedOptimizer, names: dict[int, str]) -> list[Layer]:
+    """Layers of an FP16_UnfusedOptimizer (fp16/bf16 at ZeRO 0): the hooks on each half-precision model
+    parameter, its fp32 master copy (what the VR optimizer steps) the owner on every rank."""
+    return [
+        Layer(names.get(id(p), f"param_{i}"), p, (OwnedSlice(REPLICATED, 0, p.numel(), master, 0),), p.numel(), p.ndim)
+        for i, (p, master) in enumerate(
+            pair for lows, masters in zip(wrapper.fp16_groups, wrapper.fp32_groups) for pair in zip(lows, masters))
+    ]
 
 
 def _zero3_layers(zero: DeepSpeedZeroOptimizer_Stage3, names: dict[int, str]) -> list[Layer]:
@@ -348,31 +401,170 @@ def _one_micro_step(source: PartitionedMoments, backward: Callable) -> Callable:
     return backward_micro_step
 
 
-def attach(engine: DeepSpeedEngine) -> None:
-    """Connect ``engine.basic_optimizer`` (a VR optimizer) to the engine's ZeRO partitions.
+def _layers(engine: DeepSpeedEngine, optimizer: VROptimizer, names: dict[int, str]) -> list[Layer]:
+    """The layers as the engine's optimizer wrapper partitions them (:data:`SUPPORTED_WRAPPERS`)."""
+    wrapper = engine.optimizer
+    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        return _zero3_layers(wrapper, names)
+    if isinstance(wrapper, DeepSpeedZeroOptimizer):
+        return _zero_layers(wrapper, names)
+    if isinstance(wrapper, BF16_Optimizer):
+        return _bf16_layers(wrapper, names)
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
+        return _unfused_layers(wrapper, names)
+    return _replicated_layers(optimizer, names)
 
-    Installs a :class:`~ds_vrgd.partitioned.PartitionedMoments` source and layout, makes each
-    ``engine.backward`` call one micro-step, drops the samples and writes the monitor after every
-    model step, and sets ``engine.vr_optimizer``. ValueError for a setting it cannot run under.
+
+VRGD_SETTINGS = {"local_sums": ("auto", True, False)}
+"""The keys of the ds_config's optional top-level ``"vrgd"`` section and their values (docs/deepspeed.md,
+"How the second moment travels")."""
+
+
+def _settings(engine: DeepSpeedEngine) -> dict:
+    """The ds_config's ``"vrgd"`` section over its defaults; ValueError naming a bad key or value."""
+    given = engine._config._param_dict.get("vrgd") or {}
+    if not isinstance(given, dict):
+        raise ValueError(f'ds_config "vrgd" must be an object like {{"local_sums": "auto"}}, got {given!r}')
+    for key, value in given.items():
+        if key not in VRGD_SETTINGS:
+            raise ValueError(f'ds_config "vrgd" has no key {key!r}; valid keys: {", ".join(VRGD_SETTINGS)}')
+        if not any(type(value) is type(choice) and value == choice for choice in VRGD_SETTINGS[key]):
+            raise ValueError(f'ds_config "vrgd.{key}" is {json.dumps(value)}; expected one of '
+                             f'{", ".join(map(json.dumps, VRGD_SETTINGS[key]))}')
+    return {key: given.get(key, choices[0]) for key, choices in VRGD_SETTINGS.items()}
+
+
+def _mean_from_gradient(engine: DeepSpeedEngine) -> bool:
+    """Whether the gradient the VR optimizer steps is an fp32 sum of the samples averaged over the ranks, so
+    that only g^2 travels: fp32 training (or BF16_Optimizer with fp32 accumulation) whose gradient is also
+    reduced in fp32 (docs/design.md §3, "Where the mean comes from")."""
+    if not engine.gradient_average or engine.communication_data_type != torch.float32 or engine.fp16_enabled():
+        return False
+    if isinstance(engine.optimizer, BF16_Optimizer):
+        return engine.optimizer.grad_acc_dtype == torch.float32
+    return not engine.bfloat16_enabled()
+
+
+class _RescaleProbe:
+    """The factor by which the engine rescaled the reduced gradient before the optimizer step (clipping,
+    unscaling), read off one element: its value when :meth:`watch` is called just before the rescale,
+    against its value at the step. A product by a factor rounds once, so the ratio is the factor to
+    within 2 units of fp32 rounding (docs/design.md §3)."""
+
+    SAMPLE = 4096
+
+    def __init__(self) -> None:
+        self._element: Optional[tuple[torch.Tensor, int, float]] = None
+
+    def watch(self, tensors) -> None:
+        """Remember a nonzero element of the first of ``tensors`` (nested lists allowed) that has one."""
+        self._element = None
+        for tensor in _flat_list(tensors):
+            if tensor is None or not tensor.is_contiguous() or tensor.numel() == 0:
+                continue
+            flat = tensor.view(-1)
+            stride = max(1, flat.numel() // self.SAMPLE)
+            index = int(flat[::stride].abs().argmax()) * stride
+            value = float(flat[index])
+            if value != 0.0:
+                self._element = (flat, index, value)
+                return
+
+    def factor(self) -> float:
+        """The rescale applied since :meth:`watch` (1.0 if nothing was watched this step)."""
+        if self._element is None:
+            return 1.0
+        flat, index, value = self._element
+        return float(flat[index]) / value
+
+    def reset(self) -> None:
+        self._element = None
+
+
+def _flat_list(tensors) -> list:
+    if isinstance(tensors, (list, tuple)):
+        return [t for item in tensors for t in _flat_list(item)]
+    return [tensors]
+
+
+def _watch_rescale(engine: DeepSpeedEngine, probe: _RescaleProbe) -> None:
+    """Have ``probe`` watch the gradient just before the engine's optimizer wrapper (or, at ZeRO 0, the
+    engine) rescales it: clipping and loss-scale unscaling are the only changes between the reduction
+    and the optimizer step."""
+    wrapper = engine.optimizer
+    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+        _before(wrapper, "unscale_and_clip_grads",
+                lambda sub_group, *_: probe.watch([wrapper.fp32_partitioned_groups_flat[sub_group].grad]))
+    elif isinstance(wrapper, DeepSpeedZeroOptimizer):
+        _before(wrapper, "unscale_and_clip_grads", lambda grads, *_: probe.watch(grads))
+    elif isinstance(wrapper, BF16_Optimizer):
+        get_grads_for_norm = wrapper.get_grads_for_norm
+
+        @functools.wraps(get_grads_for_norm)
+        def grads_for_norm_watched(for_clipping=False):
+            grads = get_grads_for_norm(for_clipping=for_clipping)
+            if for_clipping:  # the tensors clip_tensors_by_global_norm rescales next
+                probe.watch(grads)
+            return grads
+
+        wrapper.get_grads_for_norm = grads_for_norm_watched
+    elif isinstance(wrapper, VROptimizer):
+        _before(engine, "clip_fp32_gradients",
+                lambda: probe.watch([p.grad for p in engine.module.parameters() if p.grad is not None]))
+
+
+def _before(owner: Any, name: str, call: Callable) -> None:
+    """Make ``owner.name(...)`` call ``call(...)`` with the same arguments first (an instance attribute)."""
+    method = getattr(owner, name)
+
+    @functools.wraps(method)
+    def watched(*args, **kwargs):
+        call(*args, **kwargs)
+        return method(*args, **kwargs)
+
+    setattr(owner, name, watched)
+
+
+def _last_micro_step(engine: DeepSpeedEngine) -> Callable[[int], bool]:
+    """Whether the k-th micro-step of a step is its last: a pipeline's last backward pass of
+    ``train_batch``, else the engine's accumulation boundary (False throughout the backward passes of
+    ``managed_gradient_accumulation: false``: the sums then travel before the step)."""
+    if isinstance(engine, PipelineEngine):
+        return lambda k: k >= engine.micro_batches
+    return lambda k: engine.is_gradient_accumulation_boundary()
+
+
+def attach(engine: DeepSpeedEngine) -> None:
+    """Connect ``engine.basic_optimizer`` (a VR optimizer) to the engine's partitions.
+
+    Installs a :class:`~ds_vrgd.partitioned.PartitionedMoments` source and layout (what travels and
+    when: docs/deepspeed.md, "How the second moment travels"), makes each ``engine.backward`` call one
+    micro-step, completes the reductions before every model step and drops the samples and writes the
+    monitor after it, and sets ``engine.vr_optimizer``. ValueError for a setting it cannot run under.
     """
     optimizer: VROptimizer = engine.basic_optimizer
     _reject_unsupported(engine, optimizer)
-    names, wrapper = _names(engine), engine.optimizer
-    if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-        layers = _zero3_layers(wrapper, names)
-    elif isinstance(wrapper, DeepSpeedZeroOptimizer):
-        layers = _zero_layers(wrapper, names)
-    else:
-        layers = _replicated_layers(optimizer, names)
+    settings = _settings(engine)
+    names = _names(engine)
+    layers = _layers(engine, optimizer, names)
     bucket = int(engine.zero_reduce_bucket_size()) if engine.zero_optimization() else int(5e8)
     capture = any(group["vr"] for group in optimizer.param_groups)
-    local_grad = None if engine.zero_optimization_partition_gradients() else _local_grad
+    partitions_gradients = engine.zero_optimization_partition_gradients()
+    local_grad = None if partitions_gradients or isinstance(engine.optimizer, BF16_Optimizer) else _local_grad
     device = torch.device(get_accelerator().current_device_name())
     data_group, tensor_group = _parallel_groups(engine)
     if tensor_group is not None:
         layers = [_whole_layer(layer, dist.get_world_size(tensor_group)) for layer in layers]
+    probe = _RescaleProbe()
+    sample_sums = not _mean_from_gradient(engine)
+    if not sample_sums:
+        _watch_rescale(engine, probe)
+    local_sums = settings["local_sums"]
+    reduction = Reduction(sample_sums=sample_sums,
+                          local_sums=not partitions_gradients if local_sums == "auto" else local_sums,
+                          last_micro_step=_last_micro_step(engine), grad_rescale=probe.factor)
     source = PartitionedMoments(layers, data_group, bucket, device, capture, local_grad=local_grad,
-                                tensor_parallel_group=tensor_group)
+                                tensor_parallel_group=tensor_group, reduction=reduction, due=optimizer.samples_due)
     optimizer.use_moments(source, layout=source)
     if isinstance(engine, PipelineEngine):  # train_batch() runs one BackwardPass instruction per micro-batch
         backward_pass = type(engine)._INSTRUCTION_MAP[schedule.BackwardPass]
@@ -387,10 +579,12 @@ def attach(engine: DeepSpeedEngine) -> None:
     @functools.wraps(take_model_step)
     def take_model_step_then_reset(*args, **kwargs):
         try:
+            source.flush()
             return take_model_step(*args, **kwargs)
         finally:
             _monitor(engine, optimizer)
             source.reset()
+            probe.reset()
 
     engine._take_model_step = take_model_step_then_reset
     engine.vr_optimizer = optimizer
@@ -455,9 +649,19 @@ def register() -> None:
         if isinstance(self.basic_optimizer, VROptimizer):
             attach(self)
 
+    initialize_states = FP16_UnfusedOptimizer.initialize_optimizer_states
+
+    @functools.wraps(initialize_states)
+    def initialize_optimizer_states(self):
+        # DeepSpeed takes a zero-gradient step to make the state; for a VR optimizer that would count a
+        # step (and decay the fp32 master weights once), so it is left to the first real step
+        if not isinstance(self.optimizer, VROptimizer):
+            initialize_states(self)
+
     DeepSpeedEngine._configure_basic_optimizer = configure_basic_optimizer
     DeepSpeedEngine._is_supported_optimizer = is_supported_optimizer
     DeepSpeedEngine._configure_optimizer = configure_optimizer
+    FP16_UnfusedOptimizer.initialize_optimizer_states = initialize_optimizer_states
     zero_utils.ZERO_SUPPORTED_OPTIMIZERS.extend(VR_OPTIMIZERS.values())
 
 

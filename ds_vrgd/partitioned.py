@@ -22,11 +22,32 @@ from ds_vrgd._tensor_lists import square_into
 from ds_vrgd.capture import HELD, JOINED, NEW, NEW_HELD, MicroStepSum, requiring_grad
 from ds_vrgd.layout import Piece
 
-ROW = 2
-"""fp32 elements per bucket row: (g^2, g)."""
-
 REPLICATED = -1
 """Destination rank meaning "every rank" (ZeRO 0)."""
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How the samples' sums reach the owners (docs/deepspeed.md, "How the second moment travels").
+
+    ``sample_sums``: the fp32 sum of the samples S travels with Q (rows (g^2, g)); False where the
+    engine's reduced gradient is itself an fp32 sum of the samples: then only g^2 travels and the mean
+    comes from that gradient, ``grad_rescale()`` being the factor the engine applied to it after
+    reducing it (clipping, loss-scale unscaling; read at the optimizer step).
+    ``local_sums``: each rank sums its micro-steps' rows locally in fp32 and they are reduced once, during
+    the step's last micro-step (``last_micro_step(k)`` true when the k-th micro-step of the step begins)
+    or before the optimizer step; False: reduced every micro-step.
+    """
+
+    sample_sums: bool = True
+    local_sums: bool = False
+    last_micro_step: Callable[[int], bool] = lambda k: True
+    grad_rescale: Callable[[], float] = lambda: 1.0
+
+    @property
+    def row(self) -> int:
+        """fp32 elements per bucket row: (g^2, g), or g^2 alone."""
+        return 2 if self.sample_sums else 1
 
 
 @dataclass(frozen=True)
@@ -77,13 +98,14 @@ class PartitionedMoments:
     def __init__(
         self, layers: list[Layer], process_group, bucket_numel: int, comm_device: torch.device, capture: bool = True,
         local_grad: Optional[Callable[[Tensor], Optional[Tensor]]] = None, tensor_parallel_group=None,
+        reduction: Reduction = Reduction(), due: Callable[[], bool] = lambda: True,
     ):
         """``layers``: every model parameter the optimizer steps, in a fixed order (the layer index of
         :class:`~ds_vrgd.layout.Piece`). ``process_group``: the data-parallel ranks, whose samples are
         reduced (a group of the caller's own, so its collectives never interleave with the engine's).
         ``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off.
 
-        ``bucket_numel``: fp32 elements of the bucket (both halves, (g^2, g) rows).
+        ``bucket_numel``: fp32 elements of the bucket (both halves, all channels of the rows).
         ``comm_device``: where the bucket lives and collectives run (the accelerator; under
         offload the owners and their Q, S are on the host).
         ``tensor_parallel_group``: the ranks holding the other shards of ``sharded`` layers (their
@@ -91,22 +113,27 @@ class PartitionedMoments:
         ``local_grad(param)``: this rank's gradient of param accumulated so far in the step (None if
         none), where the engine keeps it (ZeRO 0/1); given, a weight may receive several gradients per
         micro-step, else a second one raises.
+        ``reduction``: what travels and when (:class:`Reduction`). ``due()``: whether the coming step
+        takes samples (the optimizer's ``samples_due``); asked when a step's first micro-step begins.
         """
         self.layers = layers
         self.group = process_group
+        self.reduction = reduction
+        self._due = due
         self._tensor_parallel = tensor_parallel_group
         self._sharded = [i for i, layer in enumerate(layers) if layer.sharded]
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         self._owners = {id(s.owner): s.owner for layer in layers for s in layer.slices if s.owner is not None}
         self._partitioned = any(s.rank != REPLICATED for layer in layers for s in layer.slices)
-        fp32 = dict(dtype=torch.float32)
         self._sq = {key: _state_buffer(owner) for key, owner in self._owners.items() if capture}
-        self._sum = {key: _state_buffer(owner) for key, owner in self._owners.items() if capture}
-        total = sum(layer.numel for layer in layers)
-        device = self._comm_device = comm_device
-        size = max(2, min(bucket_numel // ROW, total)) if capture else 0
-        self._halves = [torch.empty(rows, ROW, device=device, **fp32) for rows in (size - size // 2, size // 2)]
+        self._sum = {key: _state_buffer(owner) for key, owner in self._owners.items()
+                     if capture and reduction.sample_sums}
+        row, total = reduction.row, sum(layer.numel for layer in layers)
+        size = max(2, min(bucket_numel // row, total)) if capture else 0
+        self._halves = [torch.empty(rows, row, device=comm_device, dtype=torch.float32)
+                        for rows in (size - size // 2, size // 2)]
+        self._comm_device = comm_device
         self._filling = 0  # the half the hooks write into; the other may be in flight
         self._entries: list[_Entry] = []
         self._used = 0
@@ -114,6 +141,10 @@ class PartitionedMoments:
         self._micro_steps = 0  # in this step
         self._micro_step_id = 0  # of the latest micro-step (never reused)
         self._in_micro_step = False
+        self._capturing = True  # this step takes samples
+        self._direct = not reduction.local_sums  # this micro-step's rows go to the bucket (else to the local sums)
+        self._local: dict[int, tuple[Tensor, ...]] = {}  # layer -> its local sums (flat fp32, one per channel)
+        self._holding: set[int] = set()  # layers whose local sums hold micro-steps of this step
         self._sums = [MicroStepSum() for _ in layers]
         self._held: list[int] = []  # layers with a pending sum in this micro-step
         self._local_grad = local_grad
@@ -129,7 +160,8 @@ class PartitionedMoments:
 
     def _hook(self, index: int):
         def hook(grad: Tensor) -> None:
-            if self._in_micro_step:  # else e.g. torch.autograd.grad before engine.backward: no sample
+            # outside engine.backward (e.g. torch.autograd.grad) or on a step without statistics: no sample
+            if self._in_micro_step and self._capturing:
                 with torch.no_grad():
                     self._sample(index, grad)
 
@@ -170,52 +202,119 @@ class PartitionedMoments:
                 "reentrant-checkpointed segments), first seen when its gradient already held earlier micro-steps: "
                 "use activation checkpointing with use_reentrant=False")
 
-    def _add(self, index: int, flat_grad: Tensor, flat_earlier: Optional[Tensor] = None) -> None:
-        """Square a parameter's micro-batch gradient into the filling half, in chunks that fit.
+    def _add(self, index: int, flat_grad: Optional[Tensor], flat_earlier: Optional[Tensor] = None) -> None:
+        """One contribution g of a parameter's micro-batch gradient: into its local sums, or as rows
+        (g^2[, g]) into the filling half (with the local sums of earlier micro-steps), in chunks that fit.
 
         With ``flat_earlier`` (the micro-step's earlier gradients of the parameter, whose square is
-        already in) it adds what completes the square of the sum: (2 earlier + g) g.
+        already in) it adds what completes the square of the sum: (2 earlier + g) g. ``flat_grad``
+        None: only the local sums travel.
         """
+        if not self._direct:
+            self._add_locally(index, flat_grad, flat_earlier)
+            return
+        local = self._take_local(index)
         bucket = self._halves[self._filling]
-        start = 0
-        while start < flat_grad.numel():
+        start, total = 0, self.layers[index].numel if flat_grad is None else flat_grad.numel()
+        while start < total:
             if self._used == bucket.shape[0]:
                 self._launch()
                 bucket = self._halves[self._filling]
-            numel = min(bucket.shape[0] - self._used, flat_grad.numel() - start)
-            rows, grad = bucket.narrow(0, self._used, numel), flat_grad.narrow(0, start, numel)
-            if flat_earlier is None:
-                square_into(rows[:, 0], grad)
-            else:
-                torch.add(grad, flat_earlier.narrow(0, start, numel), alpha=2, out=rows[:, 0])
-                rows[:, 0].mul_(grad)
-            rows[:, 1].copy_(grad)
+            numel = min(bucket.shape[0] - self._used, total - start)
+            rows = bucket.narrow(0, self._used, numel)
+            if flat_grad is not None:
+                grad = flat_grad.narrow(0, start, numel)
+                _square(rows[:, 0], grad, None if flat_earlier is None else flat_earlier.narrow(0, start, numel))
+                if self.reduction.sample_sums:
+                    rows[:, 1].copy_(grad)
+            for channel, sums in enumerate(local or ()):
+                chunk = sums.narrow(0, start, numel)
+                (rows[:, channel].copy_ if flat_grad is None else rows[:, channel].add_)(chunk)
+                if self._aliased(index):  # the owner's Q (and S), which take the reduced rows
+                    chunk.zero_()
             self._entries.append(_Entry(index, start, numel, self._used))
             self._used += numel
             start += numel
 
+    def _add_locally(self, index: int, flat_grad: Tensor, flat_earlier: Optional[Tensor]) -> None:
+        """Add a contribution into the layer's local sums (the first of the step replaces them)."""
+        sums = self._local_sums(index, flat_grad.device)
+        first = index not in self._holding
+        if first:
+            _square(sums[0], flat_grad, flat_earlier)
+        elif flat_earlier is None:
+            sums[0].addcmul_(flat_grad, flat_grad)
+        else:
+            completion = torch.empty_like(sums[0])
+            _square(completion, flat_grad, flat_earlier)
+            sums[0].add_(completion)
+        if self.reduction.sample_sums:
+            (sums[1].copy_ if first else sums[1].add_)(flat_grad)
+        self._holding.add(index)
+
+    def _aliased(self, index: int) -> bool:
+        """Whether a layer's local sums are its owner's Q and S (a replicated layer: no extra memory)."""
+        return self.layers[index].slices[0].rank == REPLICATED
+
+    def _local_sums(self, index: int, device: torch.device) -> tuple[Tensor, ...]:
+        """The layer's local sums (flat fp32), made on first use: the owner's Q (and S) for a replicated
+        layer, else buffers of the whole layer's size on the device of its gradients."""
+        if index not in self._local:
+            layer = self.layers[index]
+            if self._aliased(index):
+                owner = id(layer.slices[0].owner)
+                buffers = (self._sq, self._sum) if self.reduction.sample_sums else (self._sq,)
+                self._local[index] = tuple(b[owner].view(-1) for b in buffers)
+            else:
+                self._local[index] = tuple(torch.empty(layer.numel, device=device, dtype=torch.float32)
+                                           for _ in range(self.reduction.row))
+        return self._local[index]
+
+    def _take_local(self, index: int) -> Optional[tuple[Tensor, ...]]:
+        """The layer's local sums if they hold earlier micro-steps of this step (then they are consumed)."""
+        if index not in self._holding:
+            return None
+        self._holding.discard(index)
+        return self._local[index]
+
     def begin_micro_step(self) -> None:
         """engine.backward starts: the gradients until :meth:`end_micro_step` are one sample per rank."""
+        if self._micro_steps == 0:
+            self._capturing = self._due()
         self._in_micro_step = True
         self._micro_steps += 1
         self._micro_step_id += 1
+        # once the last micro-step has begun, later ones (if any) also reduce directly
+        self._direct = self._direct or not self.reduction.local_sums or self.reduction.last_micro_step(self._micro_steps)
 
     def end_micro_step(self) -> None:
-        """engine.backward returned: square the repeats' pending sums, reduce everything into Q."""
+        """engine.backward returned: square the repeats' pending sums; after the step's last micro-step
+        (every micro-step without local sums), send what is still local and start the last reduction."""
         for index in self._held:
             pending = self._sums[index].settle()
             if pending is not None:
                 self._add(index, pending.reshape(-1))
         self._held = []
         self._in_micro_step = False
-        self.flush()
+        if self._direct:
+            self._send_local()
+            if self._used:
+                self._launch()
+
+    def _send_local(self) -> None:
+        """Rows of every layer whose local sums still hold micro-steps of this step (in layer order, the
+        same on every rank) into the bucket."""
+        direct, self._direct = self._direct, True
+        for index in sorted(self._holding):
+            self._add(index, None)
+        self._direct = direct
 
     def flush(self) -> None:
-        """Reduce everything captured so far into the owners' Q buffers and wait for it."""
+        """Reduce everything captured so far into the owners' Q (and S) and wait for it (before the step)."""
+        self._send_local()
         if self._used:
             self._launch()
         self._complete()
-
     def _launch(self) -> None:
         """Start reducing the filling half; finish the other half's reduction; fill that one next."""
         values = self._halves[self._filling].narrow(0, 0, self._used)
@@ -252,11 +351,12 @@ class PartitionedMoments:
         self._in_flight = []
 
     def _accumulate(self, flat: Tensor, pieces: list[OwnedSlice]) -> None:
-        """Add reduced bucket rows [k, (g^2, g)] into Q and S of their owners."""
+        """Add reduced bucket rows [k, (g^2[, g])] into Q (and S) of their owners."""
+        channels = (self._sq, self._sum)[:self.reduction.row]
         start = 0
         for piece in pieces:
             rows = flat.narrow(0, start, piece.numel).to(piece.owner.device)  # offload: one copy to the host
-            for channel, buffers in enumerate((self._sq, self._sum)):
+            for channel, buffers in enumerate(channels):
                 buffers[id(piece.owner)].view(-1).narrow(0, piece.owner_offset, piece.numel).add_(rows[:, channel])
             start += piece.numel
 
@@ -265,37 +365,42 @@ class PartitionedMoments:
         return sum(owner.numel() for owner in self._owners.values())
 
     def buffer_numel(self) -> dict:
-        """Extra fp32 elements held: ``{"sq": Q and S buffers, "bucket": both halves}``."""
+        """Extra fp32 elements held: ``{"sq": Q and S buffers, "bucket": both halves, "local": the local sums
+        of partitioned layers}`` (local sums are made at the first micro-step that is not a step's last)."""
         held = sum(b.numel() for b in self._sq.values()) + sum(b.numel() for b in self._sum.values())
-        return {"sq": held, "bucket": sum(h.numel() for h in self._halves)}
+        local = sum(t.numel() for i, sums in self._local.items() if not self._aliased(i) for t in sums)
+        return {"sq": held, "bucket": sum(h.numel() for h in self._halves), "local": local}
 
     # -------------------------------------------------- MomentSource protocol
     def num_samples(self) -> int:
-        """n = micro-steps in this step x data-parallel world size."""
-        return self._micro_steps * self.world_size
+        """n = micro-steps in this step x data-parallel world size (0 on a step without statistics)."""
+        return self._micro_steps * self.world_size if self._capturing else 0
 
     def sq_sum(self, param: Tensor) -> Optional[Tensor]:
         """Q of an owned tensor (fp32, its shape; all ranks' samples of its elements), or None."""
-        return self._sq.get(id(param)) if self._micro_steps else None
+        return self._sq.get(id(param)) if self.num_samples() else None
 
     def sample_sum(self, param: Tensor) -> Optional[Tensor]:
-        """S of an owned tensor (fp32, its shape), kept in every precision, or None."""
-        return self._sum.get(id(param)) if self._micro_steps else None
+        """S of an owned tensor (fp32, its shape), or None where only g^2 travels (the mean then comes
+        from the gradient)."""
+        return self._sum.get(id(param)) if self.num_samples() else None
 
     def grad_scales(self, params: list[Tensor]) -> list[float]:
-        """1 / world_size (the gradient is the rank average of the sample sums, before any rescale by the
-        engine); the optimizer takes the mean from S, so this is never needed for rho."""
-        return [1.0 / self.world_size] * len(params)
+        """c with grad = c * (sum of the samples): the engine averages over the ranks, then rescales
+        by ``reduction.grad_rescale()`` (clipping, loss-scale unscaling)."""
+        return [self.reduction.grad_rescale() / self.world_size] * len(params)
 
     def step_done(self) -> None:
         """One param group stepped; the engine calls :meth:`reset` after the whole step."""
 
     def reset(self) -> None:
-        """New step: zero Q and S and forget the micro-steps."""
+        """New step: finish reductions in flight, zero Q and S and forget the micro-steps."""
+        self._complete()
         for buffer in (*self._sq.values(), *self._sum.values()):
             buffer.zero_()
         self._entries, self._used, self._micro_steps = [], 0, 0
-        self._in_micro_step, self._held = False, []
+        self._in_micro_step, self._held, self._holding = False, [], set()
+        self._direct = not self.reduction.local_sums
 
     def close(self) -> None:
         """Remove the hooks."""
@@ -337,6 +442,16 @@ class PartitionedMoments:
             work[:, self._sharded] = columns
         if work is not tensor:
             tensor.copy_(work)
+
+
+def _square(out: Tensor, grad: Tensor, earlier: Optional[Tensor]) -> None:
+    """out <- g^2, or (2 earlier + g) g: what completes the square of (earlier + g); computed in out's
+    dtype (fp32) also for half-precision gradients (``torch.add(..., out=)`` would round in theirs)."""
+    if earlier is None:
+        square_into(out, grad)
+    else:
+        out.copy_(earlier)
+        out.mul_(2.0).add_(grad).mul_(grad)
 
 
 def _state_buffer(owner: Tensor) -> Tensor:

@@ -31,6 +31,17 @@ CPU_TILE_NUMEL = 1 << 20
 ops touches stays in a 32 MiB L3; measured on BERT-base, 2^20-2^21 beat 2^18 (per-op overhead) and
 2^22 (cache misses)."""
 
+FP32_STATE = ("gsnr_q_ema", "gsnr_rho")
+"""Per-element VR state kept in fp32 whatever the parameter's dtype: the EMA of q and the rho held
+between statistics steps."""
+
+
+def statistics_step(t: int, group: dict) -> bool:
+    """Whether optimizer step t (counted from 1) of ``group`` computes GSNR statistics: the first step
+    after ``gsnr_warmup_steps`` and every ``gsnr_interval``-th one after it (docs/design.md §2)."""
+    warmup = group["gsnr_warmup_steps"]
+    return t > warmup and (t - warmup - 1) % group["gsnr_interval"] == 0
+
 
 class VROptimizer(Optimizer):
     """Base class of the VR optimizers: a torch Optimizer whose step scales the rule's update by rho.
@@ -49,7 +60,7 @@ class VROptimizer(Optimizer):
     def __init__(self, params: Iterable, defaults: dict, foreach: Optional[bool], vr_options: dict):
         defaults = {**defaults, **split_vr_options(type(self), vr_options), "foreach": foreach}
         self._validate(defaults)
-        self._moments: MomentSource = BackwardHookMoments()
+        self._moments: MomentSource = BackwardHookMoments(self.samples_due)
         super().__init__(params, defaults)
         self._layout = WholeParamLayout(self)
         self.skipped_steps = 0
@@ -76,29 +87,46 @@ class VROptimizer(Optimizer):
             self._moments.watch(group["params"], group.get("param_names"))
 
     def use_moments(self, source: MomentSource, layout: Optional[Layout] = None) -> None:
-        """Replace the sample source (and the piece layout); the DeepSpeed/DDP adapters call this."""
+        """Replace the sample source (and the piece layout); the DeepSpeed/DDP adapters call this.
+        The source asks :meth:`samples_due` before capturing a step's samples."""
         self._moments.close()
         self._moments = source
         if layout is not None:
             self._layout = layout
+
+    def samples_due(self) -> bool:
+        """Whether the next step computes GSNR statistics for some group, so that its backward passes
+        are samples (False on the steps of warm-up and between the steps of ``gsnr_interval``: the
+        sources then capture and reduce nothing)."""
+        t = self._steps_done() + 1
+        return any(group["vr"] and group["gamma"] != 0.0 and statistics_step(t, group) for group in self.param_groups)
+
+    def _steps_done(self, params: Optional[list[Tensor]] = None) -> int:
+        """Steps taken by ``params`` (default: all parameters): their largest step count (torch counts per
+        parameter). Between steps all of DeepSpeed's ZeRO-3 fp32 sub-groups have the same count, but each
+        is in the param groups only during its own step() call, so the default reads every state."""
+        states = self.state.values() if params is None else (self.state[p] for p in params)
+        return max((int(state["step"]) for state in states if "step" in state), default=0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._moments.reset()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, keeping fp32 state (the GSNR EMA) in fp32 for low-precision parameters."""
+        """torch's load, keeping :data:`FP32_STATE` (the GSNR EMA, the held rho) in fp32 for low-precision
+        parameters."""
         fp32 = {
-            index: value["gsnr_q_ema"].float().clone()
+            (index, key): value[key].float().clone()
             for index, value in state_dict["state"].items()
-            if "gsnr_q_ema" in value
+            for key in FP32_STATE
+            if key in value
         }
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         order = [i for group in state_dict["param_groups"] for i in group["params"]]
-        for index, value in fp32.items():
+        for (index, key), value in fp32.items():
             param = params[order.index(index)]
-            self.state[param]["gsnr_q_ema"] = value.to(param.device)
+            self.state[param][key] = value.to(param.device)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -155,8 +183,6 @@ class VROptimizer(Optimizer):
         table = self._layout.table(all_pieces)
         if not all_pieces and table.reduce is None:
             return None
-        if n < 2 and any(group["vr"] for group in self.param_groups):
-            self._warn_few_samples(n)
         steps, first = [], 0
         for group, params, pieces, on_cpu in per_group:
             self._init_steps(params)
@@ -164,7 +190,7 @@ class VROptimizer(Optimizer):
             blocks = [Block(self.state, chunk, first + start, table)
                       for start, chunk in block_runs(pieces, CPU_TILE_NUMEL if on_cpu else None)]
             ops = ListOps(foreach, None if foreach else self._scratch)
-            steps.append(GroupStep(group, blocks, ops, self._gsnr_active(group, n)))
+            steps.append(GroupStep(group, blocks, ops, *self._rho_source(group, n)))
             first += len(pieces)
         return steps, table
 
@@ -250,6 +276,10 @@ class VROptimizer(Optimizer):
                     at_low, at_high = self._factor(g, block, ratio, normalisers, ema_steps)
                     second.put(block.columns, at_low=at_low, at_high=at_high)
                     rho = ratio.ratio
+                    if group["gsnr_interval"] > 1:  # held until the next statistics step
+                        ops.copy_(block.state("gsnr_rho", torch.float32), rho)
+                elif g.held:
+                    rho = ops.clone(block.state("gsnr_rho", torch.float32, fill=1.0))  # the rule may write over it
                 update = self._direction(group, block, rho, ops)
                 if self.uses_layer_norms:
                     second.put(block.columns, weight_sq=ops.sq_norms(block.params), update_sq=ops.sq_norms(update))
@@ -299,11 +329,21 @@ class VROptimizer(Optimizer):
                 counts[id(param)] = state["gsnr_ema_steps"]
         return counts
 
-    def _gsnr_active(self, group: dict, n: int) -> bool:
-        if not group["vr"] or group["gamma"] == 0.0 or n < 2:
-            return False
-        done = [int(self.state[p]["step"]) for p in group["params"] if "step" in self.state[p]]
-        return max(done, default=0) >= group["gsnr_warmup_steps"]
+    def _rho_source(self, group: dict, n: int) -> tuple[bool, bool]:
+        """(GSNR computed this step, rho held from the last statistics step) for a group; neither: rho = 1.
+
+        A statistics step with n < 2 warns (once) and takes rho = 1. A held step uses the stored rho
+        (none stored yet: rho = 1)."""
+        if not group["vr"] or group["gamma"] == 0.0:
+            return False, False
+        t = self._steps_done(group["params"]) + 1
+        if statistics_step(t, group):
+            if n < 2:
+                self._warn_few_samples(n)
+            return n >= 2, False
+        held = t > group["gsnr_warmup_steps"] and any(
+            "gsnr_rho" in self.state[p] for p in group["params"] if p.grad is not None)
+        return False, held
 
     def _warn_few_samples(self, n: int) -> None:
         if self._warned_few_samples:
@@ -314,7 +354,7 @@ class VROptimizer(Optimizer):
             "(several backward() calls per step, data-parallel ranks or gradient accumulation), "
             "so this step uses rho = 1 (the base optimizer). Warned once.",
             UserWarning,
-            stacklevel=5,
+            stacklevel=7,
         )
 
     def _record_stats(

@@ -76,13 +76,13 @@ class Block:
         self.is_matrix: list[bool] = [table.layer_ndim[piece.layer] > 1 for piece in pieces]
         self._state = state
 
-    def state(self, key: str, dtype: Optional[torch.dtype] = None) -> TensorList:
-        """Views of the per-element state ``key`` (created as zeros like the owner)."""
+    def state(self, key: str, dtype: Optional[torch.dtype] = None, fill: float = 0.0) -> TensorList:
+        """Views of the per-element state ``key`` (created like the owner, filled with ``fill``)."""
         views = []
         for piece in self.pieces:
             owner_state = self._state[piece.owner]
             if key not in owner_state:
-                owner_state[key] = torch.zeros_like(piece.owner, dtype=dtype, memory_format=torch.preserve_format)
+                owner_state[key] = torch.full_like(piece.owner, fill, dtype=dtype, memory_format=torch.preserve_format)
             views.append(piece.of(owner_state[key]))
         return views
 
@@ -93,12 +93,14 @@ class Block:
 
 @dataclass(frozen=True)
 class GroupStep:
-    """One param group's part of a step: its blocks, its list ops and whether GSNR is on this step."""
+    """One param group's part of a step: its blocks, its list ops, whether GSNR is computed this step
+    (``gsnr``) or rho is held from the last statistics step (``held``); neither: rho = 1."""
 
     group: dict
     blocks: list[Block]
     ops: ListOps
     gsnr: bool
+    held: bool = False
 
     def each_block(self) -> Iterable[Block]:
         """The blocks in order; a block's temporaries are dead when the next starts, so scratch is reused."""

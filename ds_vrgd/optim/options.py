@@ -20,6 +20,8 @@ class VROptions:
     gsnr_max:          cap on r (None: no cap; docs/design.md §3).
     gsnr_warmup_steps: steps with rho = 1 before the factor starts.
     gsnr_ema:          beta of a bias-corrected EMA of q across steps (0: none).
+    gsnr_interval:     take the statistics on every k-th step after warm-up and hold rho in between
+                       (1: every step; docs/design.md §2, "The statistics schedule").
     vr:                False: no capture, no GSNR; the base optimizer exactly.
     """
 
@@ -28,6 +30,7 @@ class VROptions:
     gsnr_max: Optional[float] = gsnr.GSNR_MAX
     gsnr_warmup_steps: int = 0
     gsnr_ema: float = 0.0
+    gsnr_interval: int = 1
     vr: bool = True
 
 
@@ -65,19 +68,24 @@ def check_bool(name: str, value: Any, optional: bool = False) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; expected True or False" + (" or None" if optional else ""))
 
 
+def check_int(name: str, value: Any, low: int) -> None:
+    """ValueError naming the option unless value is an int (not a bool) >= low."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r}; expected an integer (int) >= {low}")
+
+
 def validate_vr_options(options: dict) -> None:
     """Check the options every VR optimizer shares (raise ValueError naming the bad one): lr,
     weight_decay, gamma, eps_gsnr >= 0; gsnr_max None or > 0; gsnr_ema in [0, 1); gsnr_warmup_steps
-    an int >= 0; vr a bool; foreach None or a bool."""
+    an int >= 0; gsnr_interval an int >= 1; vr a bool; foreach None or a bool."""
     check_range("lr", options["lr"], 0.0)
     check_range("weight_decay", options["weight_decay"], 0.0)
     check_range("gamma", options["gamma"], 0.0)
     check_range("eps_gsnr", options["eps_gsnr"], 0.0)
     check_range("gsnr_max", options["gsnr_max"], 0.0, low_open=True, optional=True)
     check_range("gsnr_ema", options["gsnr_ema"], 0.0, 1.0)
-    warmup = options["gsnr_warmup_steps"]
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        raise ValueError(f"Invalid gsnr_warmup_steps: {warmup!r}; expected an integer (int) >= 0")
+    check_int("gsnr_warmup_steps", options["gsnr_warmup_steps"], 0)
+    check_int("gsnr_interval", options["gsnr_interval"], 1)
     check_bool("vr", options["vr"])
     check_bool("foreach", options.get("foreach"), optional=True)
 
@@ -100,7 +108,7 @@ def split_vr_options(cls: type, keywords: dict) -> dict:
     """The shared options of ``keywords`` over their defaults; ValueError for a name the optimizer ``cls``
     does not take, listing the valid ones (its own parameters, then :class:`VROptions`'s).
 
-    Returns the param-group dict of the six :class:`VROptions` values.
+    Returns the param-group dict of the :class:`VROptions` values.
     """
     unknown = sorted(set(keywords) - set(VR_DEFAULTS))
     if unknown:

@@ -91,14 +91,14 @@ def test_two_ranks_match_single_process_reference(world2, case):
 
 @pytest.mark.parametrize("case", OFFLOAD_2, ids=_name)
 def test_offload_matches_reference_and_the_device_run(world2, case):
-    """ZeRO-Offload equals the single-process reference and the same run without offload; the sums of
-    squares and of samples are the host partition's size."""
+    """ZeRO-Offload equals the single-process reference and the same run without offload; the sum of
+    squares is the host partition's size (fp32: the mean comes from the gradient, docs/design.md §3)."""
     got, want = world2[id(case)], reference(case, 2)
     on_device = world2[id(next(c for c in EQUIVALENCE_2 if c == {k: v for k, v in case.items() if k != "offload"}))]
     assert got["stats"]["n"] == 4
     assert max_param_diff(got["params"], want["params"]) < TOL
     assert max_param_diff(got["params"], on_device["params"]) < TOL
-    assert got["buffers"]["sq"] == 2 * got["partition_numel"]
+    assert got["buffers"]["sq"] == got["partition_numel"]
 
 
 def test_bf16_offload_matches_the_bf16_device_run(world2):
@@ -132,26 +132,29 @@ def test_memory_and_communication_bounds(world2, small_model):
     total = sum(p.numel() for p in small_model.parameters())
     case = next(c for c in EQUIVALENCE_2 if c["stage"] == 2 and c["gas"] == 2 and c["optimizer"] == "VRLAMB")
     got = world2[id(case)]
-    # two fp32 buffers (sums of squares and of samples, docs/design.md §3) exactly the size of
-    # this rank's partition, one bucket of reduce_bucket_size
-    assert got["buffers"]["sq"] == 2 * got["partition_numel"] < 2 * total
-    assert got["buffers"]["bucket"] == 50
-    # every gradient element travels once per micro-step, like the gradient itself, as (g^2, g)
+    # fp32: one fp32 buffer (the sum of squares; the mean comes from the gradient, docs/design.md §3)
+    # exactly the size of this rank's partition, one bucket of reduce_bucket_size, no local sums
+    assert got["buffers"] == {"sq": got["partition_numel"], "bucket": 50, "local": 0}
+    assert got["partition_numel"] < total
+    # ZeRO-2: every gradient element travels once per micro-step, like the gradient itself, as g^2
     micro_steps = case.get("steps", 3) * case["gas"]
-    assert got["comm"]["elements"] == 2 * total * micro_steps
+    assert got["comm"]["elements"] == total * micro_steps
     # the squares travel in the bucket's two halves (one reduced while the other fills), a
     # parameter that does not fit in chunks: one reduce per destination rank per full half
-    launches_per_micro_step = math.ceil(total / (50 // 2 // 2))
+    launches_per_micro_step = math.ceil(total / (50 // 2))
     assert got["comm"]["collectives"] <= 2 * launches_per_micro_step * micro_steps
     big = world2[id(SPECIAL_2["big_bucket"])]
-    assert big["buffers"]["bucket"] == 2 * total  # a bucket never exceeds the model's (g^2, g) rows
+    assert big["buffers"]["bucket"] == total  # a bucket never exceeds the model's g^2 rows
     assert big["comm"]["collectives"] <= 2 * 2 * micro_steps  # two halves per backward, <= 2 destinations
 
 
 def test_stage0_keeps_full_replicated_buffer(world2, small_model):
+    """ZeRO 0 sums each rank's micro-steps in Q itself (no local copy) and all-reduces it once per step."""
     total = sum(p.numel() for p in small_model.parameters())
-    case = next(c for c in EQUIVALENCE_2 if c["stage"] == 0)
-    assert world2[id(case)]["buffers"]["sq"] == 2 * total
+    case = next(c for c in EQUIVALENCE_2 if c["stage"] == 0 and c["gas"] == 2)
+    got = world2[id(case)]
+    assert got["buffers"]["sq"] == total and got["buffers"]["local"] == 0
+    assert got["comm"]["elements"] == total * case.get("steps", 3)
 
 
 def test_bf16_runs_close_to_fp32_reference(world2):
@@ -162,19 +165,20 @@ def test_bf16_runs_close_to_fp32_reference(world2):
     assert got["stats"]["gsnr_mean"] == pytest.approx(want["stats"]["gsnr_mean"], rel=0.05)
 
 
-def test_bf16_carries_the_same_sums_as_fp32(world2):
-    """bf16 and fp32 take the same path (fp32 sums of g^2 and g): same buffers, same traffic."""
+def test_bf16_carries_the_sample_sums_that_fp32_takes_from_the_gradient(world2):
+    """bf16 gradients are reduced in bf16, so the fp32 sum of the samples travels with the squares
+    ((g^2, g) rows, Q and S); in fp32 the gradient is that sum (docs/design.md §3): g^2 alone."""
     fp32 = world2[id(next(c for c in EQUIVALENCE_2 if c["stage"] == 2 and c["gas"] == 2 and c["optimizer"] == "VRLAMB"))]
     bf16 = world2[id(SPECIAL_2["bf16"])]
-    assert bf16["buffers"] == fp32["buffers"]
-    assert bf16["comm"]["elements"] == fp32["comm"]["elements"]
+    assert bf16["buffers"]["sq"] == 2 * fp32["buffers"]["sq"]
+    assert bf16["comm"]["elements"] == 2 * fp32["comm"]["elements"]
 
 
 def test_vr_false_is_the_base_optimizer_without_capture(world2):
     case = SPECIAL_2["vr_off"]
     got, want = world2[id(case)], reference(case, 2)
     assert got["comm"]["collectives"] == 0
-    assert got["buffers"] == {"sq": 0, "bucket": 0}
+    assert got["buffers"] == {"sq": 0, "bucket": 0, "local": 0}
     assert max_param_diff(got["params"], want["params"]) < TOL
 
 

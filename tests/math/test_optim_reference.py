@@ -114,14 +114,16 @@ def test_matches_reference(problem_kind, name, cfg, n, gamma):
 OPTION_CASES = [
     pytest.param(name, opt, id=f"{name}-{'-'.join(f'{k}{v}' for k, v in opt.items())}")
     for name in CONFIGS
-    for opt in (dict(gsnr_warmup_steps=2), dict(gsnr_ema=0.5), dict(gsnr_ema=0.9))
+    for opt in (dict(gsnr_warmup_steps=2), dict(gsnr_ema=0.5), dict(gsnr_ema=0.9), dict(gsnr_interval=2),
+                dict(gsnr_interval=3, gsnr_warmup_steps=1), dict(gsnr_interval=2, gsnr_ema=0.5))
 ]
 
 
 @pytest.mark.parametrize("problem_kind", ["direct", "model"])
 @pytest.mark.parametrize("name,option", OPTION_CASES)
-def test_warmup_and_ema_match_reference(problem_kind, name, option):
-    problem = Problem(problem_kind, n=3, steps=5, seed=7)
+def test_warmup_ema_and_interval_match_reference(problem_kind, name, option):
+    """Also ``gsnr_interval``: rho on statistics steps, the stored rho on the steps between them."""
+    problem = Problem(problem_kind, n=3, steps=7, seed=7)
     hyper = dict(CONFIGS[name][-1], gamma=0.5, **option)
     params, ref = _run_both(problem, name, hyper)
     _assert_close(params, ref.params, MODEL_TOL_FACTOR if problem_kind == "model" else 1.0)

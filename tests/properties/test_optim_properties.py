@@ -450,8 +450,11 @@ def test_non_finite_gradient_skips_the_step(name, how):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("extra", [dict(gsnr_ema=0.7), dict(gsnr_warmup_steps=3)], ids=["ema", "warmup"])
+@pytest.mark.parametrize("extra", [dict(gsnr_ema=0.7), dict(gsnr_warmup_steps=3), dict(gsnr_interval=3),
+                                   dict(gsnr_interval=4, gsnr_ema=0.5)], ids=["ema", "warmup", "interval", "interval-ema"])
 def test_state_dict_round_trip_continues_exactly(name, extra):
+    """Saved after step 2 (with gsnr_interval: between statistics steps 1 and 4, so the held rho and the
+    schedule's position travel in the state_dict)."""
     problem = Problem("model", n=3, steps=6, seed=8)
     hyper = dict(gamma=0.5, **extra, **CFG[name])
     straight, _ = run_impl(problem, VR_OPTIMIZERS[name], **hyper)

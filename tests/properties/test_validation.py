@@ -1,4 +1,5 @@
-"""Inputs that fail clearly (issue 12): option types and ranges, ds_config optimizer names, fp16/bf16 at ZeRO 0.
+"""Inputs that fail clearly (issue 12): option types and ranges, ds_config optimizer names and its "vrgd" section;
+fp16/bf16 at ZeRO 0 runs under DeepSpeed's unfused wrapper.
 
 Every bad option is a ValueError naming the option and quoting the value; the
 DeepSpeed cases run ``deepspeed.initialize`` in this process on a 1-rank gloo group.
@@ -27,6 +28,7 @@ BAD = (
     + _cases(ALL, "lr", [float("nan"), -1.0])
     + _cases(ALL, "gsnr_max", ["1e3", True, [1.0], 0.0])
     + _cases(ALL, "gsnr_warmup_steps", [1.0, 2.5, "3", None, True, -1])
+    + _cases(ALL, "gsnr_interval", [0, 2.0, "10", None, True, -1])
     + _cases(ALL, "vr", NOT_BOOLS)
     + _cases(ALL, "foreach", ["yes", 0])
     + _cases(ADAM_LIKE, "eps", NOT_NUMBERS)
@@ -139,22 +141,33 @@ def test_build_optimizer_normalises_and_rejects_names():
 
 @pytest.mark.parametrize("client", [False, True], ids=["ds_config", "client_optimizer"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_at_stage_0_is_rejected_before_deepspeed_wraps_the_optimizer(one_rank, monkeypatch, small_model,
-                                                                                    precision, client):
+def test_low_precision_at_stage_0_runs_under_the_unfused_wrapper_without_its_initial_step(
+        one_rank, monkeypatch, small_model, precision, client):
+    """fp16/bf16 at ZeRO 0: DeepSpeed's FP16_UnfusedOptimizer; its zero-gradient step at construction is not
+    taken for a VR optimizer (it would count a step and decay the fp32 master weights)."""
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.engine import DeepSpeedEngine
 
     monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)  # the CPU accelerator refuses fp16
-    for wrap in ("_configure_fp16_optimizer", "_configure_bf16_optimizer", "_configure_zero_optimizer"):
-        monkeypatch.setattr(DeepSpeedEngine, wrap, lambda *args: pytest.fail("DeepSpeed built its wrapper"))
-    config = _config("VRSGD", zero_optimization={"stage": 0}, **{precision: {"enabled": True}})
-    optimizer = VRSGD(small_model.parameters(), lr=0.1) if client else None
+    config = _config("VRAdamW", zero_optimization={"stage": 0}, **{precision: {"enabled": True}})
+    optimizer = VRAdamW(small_model.parameters(), lr=0.1, weight_decay=0.5) if client else None
     if client:
         del config["optimizer"]
+    engine, *_ = one_rank.initialize(model=small_model, model_parameters=small_model.parameters(), optimizer=optimizer,
+                                     config=config)
+    assert type(engine.optimizer).__name__ == "FP16_UnfusedOptimizer"
+    assert not engine.vr_optimizer.state
+    masters = [p for group in engine.vr_optimizer.param_groups for p in group["params"]]
+    assert all(torch.equal(master, p.float()) for master, p in zip(masters, engine.module.parameters()))
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"local_sum": True}, """ds_config "vrgd" has no key 'local_sum'; valid keys: local_sums"""),
+    ({"local_sums": "yes"}, 'ds_config "vrgd.local_sums" is "yes"; expected one of "auto", true, false'),
+    ({"local_sums": 1}, 'ds_config "vrgd.local_sums" is 1; expected one of "auto", true, false'),
+    (["local_sums"], """ds_config "vrgd" must be an object like {"local_sums": "auto"}, got ['local_sums']"""),
+])
+def test_bad_vrgd_section_names_the_key_and_the_values(one_rank, small_model, section, message):
     with pytest.raises(ValueError) as info:
-        one_rank.initialize(model=small_model, model_parameters=small_model.parameters(), optimizer=optimizer,
-                            config=config)
-    assert str(info.value) == (
-        "VRSGD cannot run with this DeepSpeed config: fp16/bf16 needs ZeRO stage 1, 2 or 3 with a VR optimizer: "
-        "set zero_optimization.stage (or use fp32)"
-    )
+        one_rank.initialize(model=small_model, model_parameters=small_model.parameters(),
+                            config=_config("VRSGD", vrgd=section))
+    assert str(info.value) == message

@@ -61,6 +61,10 @@ def ds_config(case: dict) -> dict:
         config["zero_optimization"].update(sub_group_size=case.get("sub_group_size", 60),
                                            stage3_param_persistence_threshold=0,
                                            stage3_gather_16bit_weights_on_model_save=True)
+    if case.get("vrgd"):
+        config["vrgd"] = case["vrgd"]
+    if case.get("grad_accum"):
+        config["data_types"] = {"grad_accum_dtype": case["grad_accum"]}
     if case.get("monitor_dir"):
         config["csv_monitor"] = {"enabled": True, "output_path": case["monitor_dir"], "job_name": "vrgd"}
     precision = case.get("precision", "fp32")
@@ -72,22 +76,28 @@ def ds_config(case: dict) -> dict:
     return config
 
 
-def train_engine(engine, case: dict, rank: int, first_step: int = 0) -> list[int]:
-    """Train; return the steps the engine applied (fp16 overflow steps are skipped)."""
+def train_engine(engine, case: dict, rank: int, first_step: int = 0, comm_per_step: list | None = None,
+                 device=None) -> list[int]:
+    """Train; return the steps the engine applied (fp16 overflow steps are skipped). ``comm_per_step``: gets
+    the elements the VR source reduced in each step; ``device``: where the micro-batches go (default: stay)."""
     dtype = next(engine.module.parameters()).dtype
+    comm = getattr(getattr(engine, "vr_optimizer", None), "_moments", None)
     applied = []
     for step in range(first_step, first_step + case.get("steps", 3)):
+        before = comm.comm["elements"] if comm is not None else 0
         for micro in range(case.get("gas", 1)):
             x, y = micro_batch(step, rank, micro)
-            loss = loss_of(engine, x.to(dtype), y.to(dtype)).float()
+            loss = loss_of(engine, x.to(device, dtype), y.to(device, dtype)).float()
             engine.backward(loss)
             engine.step()
         if engine._step_applied:
             applied.append(step)
+        if comm_per_step is not None and comm is not None:
+            comm_per_step.append(comm.comm["elements"] - before)
     return applied
 
 
-def _result(engine, applied: list[int]) -> dict:
+def _result(engine, applied: list[int], comm_per_step: list[int] = ()) -> dict:
     import deepspeed
 
     optimizer = engine.vr_optimizer
@@ -101,6 +111,8 @@ def _result(engine, applied: list[int]) -> dict:
         "params": params,
         "stats": optimizer.gsnr_stats(),
         "comm": dict(source.comm),
+        "comm_per_step": list(comm_per_step),
+        "wrapper": type(engine.optimizer).__name__,
         "buffers": source.buffer_numel(),
         "partition_numel": source.owned_numel(),
         "skipped": engine.skipped_steps,
@@ -121,17 +133,18 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str, f
     deepspeed.init_distributed(dist_backend="gloo")
     results = []
     for case in cases:
-        engine = _engine(case)
+        engine, comm_per_step = _engine(case), []
         if case.get("checkpoint"):
-            train_engine(engine, dict(case, steps=case["steps"] // 2), rank)
+            train_engine(engine, dict(case, steps=case["steps"] // 2), rank, comm_per_step=comm_per_step)
             engine.save_checkpoint(os.path.join(out_dir, "ckpt"), tag="half")
             engine = _engine(case)
             engine.load_checkpoint(os.path.join(out_dir, "ckpt"), tag="half")
             rest = dict(case, steps=case["steps"] - case["steps"] // 2)
-            applied = list(range(case["steps"] // 2)) + train_engine(engine, rest, rank, case["steps"] // 2)
+            applied = list(range(case["steps"] // 2)) + train_engine(engine, rest, rank, case["steps"] // 2,
+                                                                     comm_per_step)
         else:
-            applied = train_engine(engine, case, rank)
-        results.append(_result(engine, applied))
+            applied = train_engine(engine, case, rank, comm_per_step=comm_per_step)
+        results.append(_result(engine, applied, comm_per_step))
         if case.get("export"):
             results[-1]["exported"] = _export(engine, os.path.join(out_dir, f"export{len(results)}"))
     if rank == 0:

@@ -19,6 +19,10 @@ Choices where docs/design.md is not explicit (the implementation must match them
   EMA with warmup and of EMA with n < 2 fallback steps are not specified by
   docs/design.md; this reference refuses them rather than invent a contract.
 * n < 2 samples: rho = 1 (the base optimizer's update).
+* ``gsnr_interval = k``: the statistics steps are t = w+1, w+1+k, w+1+2k, ... (w =
+  ``gsnr_warmup_steps``); every other step after warm-up applies the rho of the
+  last statistics step (rho = 1 before the first), and only statistics steps
+  enter the EMA.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ F64 = torch.float64
 
 # Defaults of the public constructors (docs/design.md §2 plus the
 # torch.optim defaults of the base optimizers).
-VR_DEFAULTS = dict(gamma=0.1, eps_gsnr=1e-20, gsnr_max=1e3, gsnr_warmup_steps=0, gsnr_ema=0.0, vr=True)
+VR_DEFAULTS = dict(gamma=0.1, eps_gsnr=1e-20, gsnr_max=1e3, gsnr_warmup_steps=0, gsnr_ema=0.0, gsnr_interval=1,
+                   vr=True)
 BASE_DEFAULTS = {
     "VRSGD": dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
     "VRAdam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
@@ -152,6 +157,11 @@ class ReferenceVR:
         self.last_rho: list[Tensor] = []
 
     # -- GSNR factor ---------------------------------------------------------
+    @staticmethod
+    def statistics_step(group: dict, t: int) -> bool:
+        warm = group["gsnr_warmup_steps"]
+        return t > warm and (t - warm - 1) % group["gsnr_interval"] == 0
+
     def _rho(self, group: dict, k: int, samples: Sequence[Tensor], shape) -> Tensor:
         ones = torch.ones(shape, dtype=F64)
         if not group["vr"]:
@@ -160,11 +170,13 @@ class ReferenceVR:
         beta = group["gsnr_ema"]
         if beta > 0 and warm > 0:
             raise ValueError("reference: EMA combined with warmup is not specified by docs/design.md")
+        if self.t <= warm:
+            return ones
+        if not self.statistics_step(group, self.t):
+            return self.state[k].get("rho", ones)
         if len(samples) < 2:
             if beta > 0:
                 raise ValueError("reference: EMA combined with n < 2 is not specified by docs/design.md")
-            return ones
-        if self.t <= warm:
             return ones
         m, s = moments(samples)
         q = gsnr_parts(m, s, group["eps_gsnr"], group["gsnr_max"])["q"].reshape(shape)
@@ -175,13 +187,14 @@ class ReferenceVR:
             st["q_ema"] = e
             q = e / (1.0 - beta ** self.ema_t)
         lo, hi = bounds(group["gamma"])
-        return torch.clamp(q, lo, hi)
+        self.state[k]["rho"] = torch.clamp(q, lo, hi)
+        return self.state[k]["rho"]
 
     # -- one step ----------------------------------------------------------------
     def step(self, grads: Sequence[Tensor], samples: Sequence[Sequence[Tensor]]) -> None:
         assert len(grads) == len(self.params) == len(samples)
         self.t += 1
-        if any(g["vr"] and g["gsnr_ema"] > 0 for g in self.groups):
+        if any(g["vr"] and g["gsnr_ema"] > 0 and self.statistics_step(g, self.t) for g in self.groups):
             self.ema_t += 1
         self.last_rho = []
         k = 0
@@ -369,3 +382,45 @@ def run_impl(problem: Problem, opt_cls, params=None, steps=None, dtype=torch.flo
         opt.step()
         opt.zero_grad()
     return params, opt
+
+
+# ---------------------------------------------------------------------------
+# The error bound of docs/design.md §3 ("Error bound of each path")
+# ---------------------------------------------------------------------------
+
+U32 = 2.0 ** -24
+"""fp32's unit roundoff."""
+
+
+def rho_error_bound(samples: Sequence[Tensor], gamma: float, mean_extra: float = 0.0, eps_gsnr: float = 1e-20,
+                    gsnr_max: float | None = VR_DEFAULTS["gsnr_max"]) -> Tensor:
+    """Per element of one layer, the first-order bound on |rho(fp32 sums) - rho(float64)| of docs/design.md §3,
+    from the layer's float64 samples: Q and S are fp32 sums of n terms (|dQ| <= n u, |dS| <= (n-1) u kappa,
+    kappa = sum|g| / |sum g|), the mean has the path's ``mean_extra`` relative error on top of dS, and v, r, the
+    cap, the layer mean and q follow (the cap and the clamp are 1-Lipschitz). ``mean_extra``: 0 where the mean
+    comes from S or an untouched p.grad, u more for a rank average, 3u for DeepSpeed's rescaled gradient."""
+    stack = torch.stack([x.to(F64) for x in samples])
+    n = stack.shape[0]
+    m, s = moments(samples)
+    v = torch.clamp(s - m * m, min=0.0)
+    total, absolute = stack.sum(0), stack.abs().sum(0)
+    kappa = torch.where(total == 0, torch.ones_like(total), absolute / total.abs())
+    d_q = (n + 2) * U32  # and the step's own subtraction and division (docs/design.md §3: z G^2, Q - z G^2, ratio)
+    d_m = (n - 1) * U32 * kappa + mean_extra + U32  # and the rounding of G^2
+    dv = d_q * (v + m * m) + 2 * d_m * m * m  # |error of v|
+    m_lo, m_hi = m.abs() * torch.clamp(1 - d_m, min=0.0), m.abs() * (1 + d_m)
+    r = m * m / (v + eps_gsnr)
+    r_lo = m_lo**2 / (v + dv + eps_gsnr)
+    r_hi = m_hi**2 / (torch.clamp(v - dv, min=0.0) + eps_gsnr)
+    cap = float("inf") if gsnr_max is None else gsnr_max
+    capped = torch.clamp(r, max=cap)
+    err_r = torch.maximum(torch.clamp(r_hi, max=cap) - capped, capped - torch.clamp(r_lo, max=cap))
+    mean_r = capped.mean()
+    if mean_r.item() == 0.0:
+        return torch.zeros_like(r)
+    q = capped / mean_r
+    err_q = err_r / mean_r + q * err_r.mean() / mean_r
+    lo, hi = bounds(gamma)
+    # the clamp: no error where q (with its error) stays beyond one bound
+    outside = (q + err_q < lo) | (q - err_q > hi)
+    return torch.where(outside, torch.zeros_like(err_q), err_q)
