@@ -52,6 +52,9 @@ DEEPSPEED_INTERNALS = (
     (DeepSpeedEngine, "_is_supported_optimizer", ("self", "optimizer_name")),  # replaced by register()
     (DeepSpeedEngine, "_configure_optimizer", ("self", "client_optimizer", "model_parameters")),  # replaced
     (DeepSpeedEngine, "_take_model_step", ("self", "lr_kwargs")),  # wrapped by attach(): samples dropped after it
+    # wrapped by attach(): universal checkpoints with the VR state (ds_vrgd.universal.restoring)
+    (DeepSpeedEngine, "_load_zero_checkpoint", ("self", "load_dir", "tag", "load_optimizer_states")),
+    (DeepSpeedEngine, "load_universal_checkpoint", ("self",)),
     # wrapped by attach(): one call is one micro-step, i.e. one sample per rank (the arguments are passed
     # through; DeepSpeed's nvtx decorator hides their names)
     (DeepSpeedEngine, "backward", ("args", "kwargs")),
@@ -79,7 +82,7 @@ DEEPSPEED_INTERNALS = (
     (BF16_Optimizer, "get_grads_for_norm", ("self", "for_clipping")),
     (BF16_Optimizer, "bf16_groups bf16_groups_flat fp32_groups_flat_partition real_dp_process_group grad_acc_dtype",
      ASSIGNED),
-    (FP16_UnfusedOptimizer, "fp16_groups fp32_groups", ASSIGNED),
+    (FP16_UnfusedOptimizer, "fp16_groups fp32_groups loss_scale_config custom_loss_scaler", ASSIGNED),
     # replaced by register(): a VR optimizer makes its state at its first step, not in a zero-gradient step
     (FP16_UnfusedOptimizer, "initialize_optimizer_states", ("self",)),
     (stage_1_and_2, "grad_accum", ASSIGNED),  # ZeRO 1 accumulates the gradient there
@@ -130,8 +133,9 @@ def _problem(owner: Any, name: str, kind: Any, source: str) -> Optional[str]:
     return None if found == kind else f"parameters {found}, expected {kind}"
 
 
-def check_internals() -> None:
-    """Raise ImportError naming every entry of :data:`DEEPSPEED_INTERNALS` the installed DeepSpeed lacks.
+def check_internals(internals: tuple = DEEPSPEED_INTERNALS) -> None:
+    """Raise ImportError naming every entry of ``internals`` (default :data:`DEEPSPEED_INTERNALS`; the same
+    (owner, names, kind) rows) the installed DeepSpeed lacks.
 
     A method must exist with exactly the listed parameter names (``inspect.signature``, which sees
     through the ``functools.wraps`` of :func:`register`); an ATTRIBUTE must exist on its class or
@@ -140,7 +144,7 @@ def check_internals() -> None:
     catches a rename or removal, not an assignment moved to a path that no longer runs.
     """
     problems = []
-    for owner, names, kind in DEEPSPEED_INTERNALS:
+    for owner, names, kind in internals:
         source = _source(owner) if kind == ASSIGNED else ""
         problems += [f"{getattr(owner, '__qualname__', owner.__name__)}.{name}: {problem}"
                      for name in names.split() if (problem := _problem(owner, name, kind, source))]
@@ -251,6 +255,9 @@ def _config_problems(engine: DeepSpeedEngine) -> list[Optional[str]]:
          and "sequence parallelism (supported: data and Megatron-style tensor parallelism)"),
         (engine.mpu is not None and stage == 3
          and "ZeRO-3 with a model-parallel mpu (supported with tensor parallelism: stages 0-2)"),
+        (engine.pipeline_parallelism and stage == 0 and engine.fp16_enabled() and not _scales_unfused_loss()
+         and "fp16 pipeline parallelism at ZeRO 0: this DeepSpeed does not scale the loss there (PR 8393); "
+             "use bf16, or ZeRO stage 1"),
     ]
 
 
@@ -364,12 +371,19 @@ def _own_group(group=None):
 
 def _parallel_groups(engine: DeepSpeedEngine) -> tuple:
     """(data-parallel group, tensor-parallel group or None) of our own: the samples come from the
-    data-parallel ranks; the tensor-parallel ranks of one replica see the same data (Megatron mpu)."""
+    data-parallel ranks; the tensor-parallel ranks of one replica see the same data. The tensor group is a
+    Megatron mpu's, or the "slice" group of DeepSpeed's pipeline grid (whose model-parallel group spans
+    the pipeline stages too, which hold other layers)."""
     mpu = engine.mpu
     if mpu is None:
         return _own_group(), None
-    tensor_group = getattr(mpu, "get_tensor_model_parallel_group", mpu.get_model_parallel_group)()
+    tensor_group = next(getattr(mpu, name) for name in TENSOR_GROUP_GETTERS if hasattr(mpu, name))()
     return _own_group(mpu.get_data_parallel_group()), _own_group(tensor_group)
+
+
+TENSOR_GROUP_GETTERS = ("get_tensor_model_parallel_group", "get_slice_parallel_group", "get_model_parallel_group")
+"""Where an ``mpu`` keeps its tensor-parallel group, first match: Megatron's name, DeepSpeed's pipeline grid's,
+Megatron's older name."""
 
 
 def _is_sharded(param: torch.Tensor) -> bool:
@@ -387,6 +401,26 @@ def _local_grad(param: torch.Tensor) -> Optional[torch.Tensor]:
     return accumulated if param.grad is None else accumulated + param.grad
 
 
+def _scales_unfused_loss() -> bool:
+    """Whether DeepSpeed's ``engine.backward`` scales the loss for FP16_UnfusedOptimizer (fp16 at ZeRO 0):
+    0.19.8 does not (it scales only for ZeRO optimizers, yet the wrapper's step divides every gradient by
+    the loss scale: DeepSpeed PR 8393); a version that does routes the loss through ``optimizer.backward``."""
+    return "self.optimizer.backward(" in inspect.getsource(inspect.unwrap(DeepSpeedEngine.backward))
+
+
+def _loss_scaled(wrapper: FP16_UnfusedOptimizer, backward: Callable) -> Callable:
+    """``engine.backward`` with the loss multiplied by the wrapper's current loss scale, as its step expects
+    (its unscaling then gives the true gradient, and an overflow of the scaled one is skipped); returns the
+    loss as DeepSpeed does (divided by the accumulation steps, unscaled)."""
+
+    @functools.wraps(backward)
+    def scaled_backward(loss, *args, **kwargs):
+        scale = wrapper.loss_scale_config.cur_scale
+        return backward(loss * scale, *args, **kwargs) / scale
+
+    return scaled_backward
+
+
 def _one_micro_step(source: PartitionedMoments, backward: Callable) -> Callable:
     """Wrap ``engine.backward`` (or a pipeline engine's backward-pass instruction): each call is one
     micro-step of the source, whatever autograd runs inside."""
@@ -399,6 +433,14 @@ def _one_micro_step(source: PartitionedMoments, backward: Callable) -> Callable:
         return result
 
     return backward_micro_step
+
+
+def _unscaled_fp16(engine: DeepSpeedEngine) -> bool:
+    """fp16 at ZeRO 0 (FP16_UnfusedOptimizer with a loss scale) in a DeepSpeed whose backward does not scale the
+    loss (:func:`_scales_unfused_loss`): ds_vrgd scales it."""
+    wrapper = engine.optimizer
+    return (isinstance(wrapper, FP16_UnfusedOptimizer) and wrapper.loss_scale_config.use_grad_scaling
+            and not wrapper.custom_loss_scaler and not _scales_unfused_loss())
 
 
 def _layers(engine: DeepSpeedEngine, optimizer: VROptimizer, names: dict[int, str]) -> list[Layer]:
@@ -525,6 +567,30 @@ def _before(owner: Any, name: str, call: Callable) -> None:
     setattr(owner, name, watched)
 
 
+def _transport(engine: DeepSpeedEngine, local_sums: Any, layers: list[Layer]) -> tuple[bool, bool]:
+    """(local sums, raw samples) for the ds_config's ``vrgd.local_sums`` (docs/deepspeed.md, "How the second
+    moment travels"). "auto": at ZeRO 0 local sums (in Σg² itself); at ZeRO 2/3 raw samples every micro-step
+    (no buffer of the model's size); where the engine keeps each rank's gradient but partitions the optimizer
+    (ZeRO 1, BF16_Optimizer) whichever sends fewer bytes per step: GA raw samples, or the fp32 sums once
+    (ties: the sums, one reduction per step). False: every micro-step (raw where partitioned); True: sums."""
+    partitioned = any(s.rank != REPLICATED for layer in layers for s in layer.slices)
+    if local_sums != "auto":
+        return local_sums, partitioned and not local_sums
+    if not partitioned:
+        return True, False
+    if engine.zero_optimization_partition_gradients():
+        return False, True
+    raw_bytes = engine.gradient_accumulation_steps() * _sample_dtype(layers).itemsize
+    sums_bytes = 4 * (1 if _mean_from_gradient(engine) else 2)
+    return raw_bytes >= sums_bytes, raw_bytes < sums_bytes
+
+
+def _sample_dtype(layers: list[Layer]) -> torch.dtype:
+    """The dtype the samples travel in raw: the parameters' (their gradients'), fp32 if they differ."""
+    dtypes = {layer.param.dtype for layer in layers}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
 def _last_micro_step(engine: DeepSpeedEngine) -> Callable[[int], bool]:
     """Whether the k-th micro-step of a step is its last: a pipeline's last backward pass of
     ``train_batch``, else the engine's accumulation boundary (False throughout the backward passes of
@@ -540,7 +606,8 @@ def attach(engine: DeepSpeedEngine) -> None:
     Installs a :class:`~ds_vrgd.partitioned.PartitionedMoments` source and layout (what travels and
     when: docs/deepspeed.md, "How the second moment travels"), makes each ``engine.backward`` call one
     micro-step, completes the reductions before every model step and drops the samples and writes the
-    monitor after it, and sets ``engine.vr_optimizer``. ValueError for a setting it cannot run under.
+    monitor after it, loads universal checkpoints with the VR state (:func:`ds_vrgd.universal.restoring`),
+    and sets ``engine.vr_optimizer``. ValueError for a setting it cannot run under.
     """
     optimizer: VROptimizer = engine.basic_optimizer
     _reject_unsupported(engine, optimizer)
@@ -556,13 +623,12 @@ def attach(engine: DeepSpeedEngine) -> None:
     if tensor_group is not None:
         layers = [_whole_layer(layer, dist.get_world_size(tensor_group)) for layer in layers]
     probe = _RescaleProbe()
-    sample_sums = not _mean_from_gradient(engine)
+    local_sums, raw = _transport(engine, settings["local_sums"], layers)
+    sample_sums = raw or not _mean_from_gradient(engine)
     if not sample_sums:
         _watch_rescale(engine, probe)
-    local_sums = settings["local_sums"]
-    reduction = Reduction(sample_sums=sample_sums,
-                          local_sums=not partitions_gradients if local_sums == "auto" else local_sums,
-                          last_micro_step=_last_micro_step(engine), grad_rescale=probe.factor)
+    reduction = Reduction(sample_sums=sample_sums, local_sums=local_sums, last_micro_step=_last_micro_step(engine),
+                          grad_rescale=probe.factor, raw_samples=_sample_dtype(layers) if raw else None)
     source = PartitionedMoments(layers, data_group, bucket, device, capture, local_grad=local_grad,
                                 tensor_parallel_group=tensor_group, reduction=reduction, due=optimizer.samples_due)
     optimizer.use_moments(source, layout=source)
@@ -571,7 +637,10 @@ def attach(engine: DeepSpeedEngine) -> None:
         engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP,
                                    schedule.BackwardPass: _one_micro_step(source, backward_pass)}
     else:
-        engine.backward = _one_micro_step(source, engine.backward)
+        backward = engine.backward
+        if _unscaled_fp16(engine):
+            backward = _loss_scaled(engine.optimizer, backward)
+        engine.backward = _one_micro_step(source, backward)
     optimizer.micro_batch_size = engine.train_micro_batch_size_per_gpu()
 
     take_model_step = engine._take_model_step
@@ -587,6 +656,18 @@ def attach(engine: DeepSpeedEngine) -> None:
             probe.reset()
 
     engine._take_model_step = take_model_step_then_reset
+    load_zero_checkpoint = engine._load_zero_checkpoint
+
+    @functools.wraps(load_zero_checkpoint)
+    def load_zero_checkpoint_with_vr_state(load_dir, tag, load_optimizer_states=True):
+        if not engine.load_universal_checkpoint():
+            return load_zero_checkpoint(load_dir, tag, load_optimizer_states=load_optimizer_states)
+        from ds_vrgd.universal import restoring  # here: it imports this module and DeepSpeed's converter
+
+        with restoring(engine, os.path.join(load_dir, tag), load_optimizer_states):
+            return load_zero_checkpoint(load_dir, tag, load_optimizer_states=load_optimizer_states)
+
+    engine._load_zero_checkpoint = load_zero_checkpoint_with_vr_state
     engine.vr_optimizer = optimizer
 
 

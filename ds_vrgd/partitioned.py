@@ -25,6 +25,9 @@ from ds_vrgd.layout import Piece
 REPLICATED = -1
 """Destination rank meaning "every rank" (ZeRO 0)."""
 
+RAW = -2
+"""In-flight mark of an all-to-all of raw samples (they arrive for this rank's elements)."""
+
 
 @dataclass(frozen=True)
 class Reduction:
@@ -37,17 +40,30 @@ class Reduction:
     ``local_sums``: each rank sums its micro-steps' rows locally in fp32 and they are reduced once, during
     the step's last micro-step (``last_micro_step(k)`` true when the k-th micro-step of the step begins)
     or before the optimizer step; False: reduced every micro-step.
+    ``raw_samples``: a dtype, where every micro-step's samples travel as they are, in that dtype (the
+    gradients'), by one all-to-all per bucket half to the owners of their elements, who square and sum
+    them in fp32: a bf16 sample costs 2 bytes instead of the 8 of its fp32 (g^2, g). Only for samples
+    reduced every micro-step into partitions, with no weight repeated within a micro-step (a repeat raises).
     """
 
     sample_sums: bool = True
     local_sums: bool = False
     last_micro_step: Callable[[int], bool] = lambda k: True
     grad_rescale: Callable[[], float] = lambda: 1.0
+    raw_samples: Optional[torch.dtype] = None
+
+    def __post_init__(self):
+        if self.raw_samples is not None and (self.local_sums or not self.sample_sums):
+            raise ValueError("raw samples are reduced every micro-step and give S at their owners")
 
     @property
     def row(self) -> int:
-        """fp32 elements per bucket row: (g^2, g), or g^2 alone."""
-        return 2 if self.sample_sums else 1
+        """Elements per bucket row: (g^2, g), g^2 alone, or the raw sample."""
+        return 2 if self.sample_sums and self.raw_samples is None else 1
+
+    @property
+    def bucket_dtype(self) -> torch.dtype:
+        return torch.float32 if self.raw_samples is None else self.raw_samples
 
 
 @dataclass(frozen=True)
@@ -131,7 +147,7 @@ class PartitionedMoments:
                      if capture and reduction.sample_sums}
         row, total = reduction.row, sum(layer.numel for layer in layers)
         size = max(2, min(bucket_numel // row, total)) if capture else 0
-        self._halves = [torch.empty(rows, row, device=comm_device, dtype=torch.float32)
+        self._halves = [torch.empty(rows, row, device=comm_device, dtype=reduction.bucket_dtype)
                         for rows in (size - size // 2, size // 2)]
         self._comm_device = comm_device
         self._filling = 0  # the half the hooks write into; the other may be in flight
@@ -148,7 +164,7 @@ class PartitionedMoments:
         self._sums = [MicroStepSum() for _ in layers]
         self._held: list[int] = []  # layers with a pending sum in this micro-step
         self._local_grad = local_grad
-        self.comm = {"collectives": 0, "elements": 0}
+        self.comm = {"collectives": 0, "elements": 0, "bytes": 0}
         self._handles = [handle for i in range(len(layers) if capture else 0) for handle in self._register(i)]
 
     # ------------------------------------------------------------- capture
@@ -183,6 +199,8 @@ class PartitionedMoments:
         param = self.layers[index].param
         earlier = self._local_grad(param) if self._local_grad is not None else None
         kind = self._sums[index].arrive(self._micro_step_id, grad, earlier is not None)
+        if kind != NEW and self.reduction.raw_samples is not None:  # the first contribution may be sent already
+            raise RuntimeError(self._repeat_error(index))
         if kind == NEW:
             self._add(index, grad.reshape(-1))
         elif kind == NEW_HELD:
@@ -194,6 +212,11 @@ class PartitionedMoments:
 
     def _repeat_error(self, index: int) -> str:
         name = self.layers[index].name
+        if self.reduction.raw_samples is not None and self._local_grad is not None:
+            return (f"{name} received a second gradient within one engine.backward (a weight used in several "
+                    "reentrant-checkpointed segments), but its first was already sent as a raw sample: set "
+                    '"vrgd": {"local_sums": true} in the ds_config, or use activation checkpointing with '
+                    "use_reentrant=False")
         if self._local_grad is None:
             return (f"{name} received a second gradient within one engine.backward (a weight used in several "
                     "reentrant-checkpointed segments), which DeepSpeed cannot reduce twice when it partitions "
@@ -215,14 +238,16 @@ class PartitionedMoments:
             return
         local = self._take_local(index)
         bucket = self._halves[self._filling]
-        start, total = 0, self.layers[index].numel if flat_grad is None else flat_grad.numel()
+        start, total = 0, local[0].numel() if flat_grad is None else flat_grad.numel()
         while start < total:
             if self._used == bucket.shape[0]:
                 self._launch()
                 bucket = self._halves[self._filling]
             numel = min(bucket.shape[0] - self._used, total - start)
             rows = bucket.narrow(0, self._used, numel)
-            if flat_grad is not None:
+            if self.reduction.raw_samples is not None:
+                rows[:, 0].copy_(flat_grad.narrow(0, start, numel))
+            elif flat_grad is not None:
                 grad = flat_grad.narrow(0, start, numel)
                 _square(rows[:, 0], grad, None if flat_earlier is None else flat_earlier.narrow(0, start, numel))
                 if self.reduction.sample_sums:
@@ -238,7 +263,7 @@ class PartitionedMoments:
 
     def _add_locally(self, index: int, flat_grad: Tensor, flat_earlier: Optional[Tensor]) -> None:
         """Add a contribution into the layer's local sums (the first of the step replaces them)."""
-        sums = self._local_sums(index, flat_grad.device)
+        sums = self._local_sums(index, flat_grad)
         first = index not in self._holding
         if first:
             _square(sums[0], flat_grad, flat_earlier)
@@ -256,17 +281,17 @@ class PartitionedMoments:
         """Whether a layer's local sums are its owner's Q and S (a replicated layer: no extra memory)."""
         return self.layers[index].slices[0].rank == REPLICATED
 
-    def _local_sums(self, index: int, device: torch.device) -> tuple[Tensor, ...]:
+    def _local_sums(self, index: int, flat_grad: Tensor) -> tuple[Tensor, ...]:
         """The layer's local sums (flat fp32), made on first use: the owner's Q (and S) for a replicated
-        layer, else buffers of the whole layer's size on the device of its gradients."""
+        layer, else buffers the size of its gradient (the whole parameter, or this rank's tensor-parallel
+        shard) on the gradient's device."""
         if index not in self._local:
-            layer = self.layers[index]
             if self._aliased(index):
-                owner = id(layer.slices[0].owner)
+                owner = id(self.layers[index].slices[0].owner)
                 buffers = (self._sq, self._sum) if self.reduction.sample_sums else (self._sq,)
                 self._local[index] = tuple(b[owner].view(-1) for b in buffers)
             else:
-                self._local[index] = tuple(torch.empty(layer.numel, device=device, dtype=torch.float32)
+                self._local[index] = tuple(torch.empty_like(flat_grad, dtype=torch.float32)
                                            for _ in range(self.reduction.row))
         return self._local[index]
 
@@ -324,11 +349,14 @@ class PartitionedMoments:
         self._filling, self._entries, self._used = 1 - self._filling, [], 0
 
     def _reduce_async(self, entries: list[_Entry], values: Tensor) -> list[tuple]:
-        """One asynchronous reduce (all-reduce if replicated) per destination rank of the entries."""
+        """One asynchronous reduce (all-reduce if replicated) per destination rank of the entries, or with
+        raw samples one all-to-all."""
         by_rank: dict[int, list[tuple[int, OwnedSlice]]] = {}  # rank -> (offset in values, owned part)
         for entry in entries:
             for part in _owned_parts(self.layers[entry.layer].slices, entry.param_start, entry.numel):
                 by_rank.setdefault(part.rank, []).append((entry.offset + part.param_offset - entry.param_start, part))
+        if self.reduction.raw_samples is not None:
+            return [self._exchange_async(values, by_rank)]
         started = []
         for rank in sorted(by_rank):
             chunks = by_rank[rank]
@@ -337,22 +365,48 @@ class PartitionedMoments:
                 work = dist.all_reduce(flat, group=self.group, async_op=True)
             else:
                 work = dist.reduce(flat, dst=dist.get_global_rank(self.group, rank), group=self.group, async_op=True)
-            self.comm["collectives"] += 1
-            self.comm["elements"] += flat.numel()
+            self._count(flat)
             started.append((work, flat, rank, [part for _, part in chunks]))
         return started
 
+    def _exchange_async(self, values: Tensor, by_rank: dict[int, list[tuple[int, OwnedSlice]]]) -> tuple:
+        """Send each rank the raw samples of its elements and receive every rank's samples of this rank's:
+        [world, mine] once complete (the ranks fill their halves in the same order, so the counts agree)."""
+        counts = [sum(part.numel for _, part in by_rank.get(rank, ())) for rank in range(self.world_size)]
+        send = torch.cat([_gather(values, [(offset, part.numel) for offset, part in by_rank[rank]])
+                          for rank in range(self.world_size) if counts[rank]])
+        mine = counts[self.rank]
+        received = values.new_empty(self.world_size * mine, 1)
+        work = dist.all_to_all_single(received, send, output_split_sizes=[mine] * self.world_size,
+                                      input_split_sizes=counts, group=self.group, async_op=True)
+        self._count(send)
+        return work, received.view(self.world_size, mine), RAW, [part for _, part in by_rank.get(self.rank, ())]
+
+    def _count(self, sent: Tensor) -> None:
+        self.comm["collectives"] += 1
+        self.comm["elements"] += sent.numel()
+        self.comm["bytes"] += sent.numel() * sent.element_size()
+
     def _complete(self) -> None:
-        """Wait for the reductions in flight and add the results that are this rank's into Q."""
+        """Wait for the reductions in flight and add the results that are this rank's into Q (and S)."""
         for work, flat, rank, parts in self._in_flight:
             work.wait()
-            if rank in (REPLICATED, self.rank):
+            if rank == RAW:
+                self._accumulate_samples(flat, parts)
+            elif rank in (REPLICATED, self.rank):
                 self._accumulate(flat, parts)
         self._in_flight = []
 
+    def _accumulate_samples(self, received: Tensor, pieces: list[OwnedSlice]) -> None:
+        """Add every rank's raw samples [world, k] of this rank's elements into Q and S: squared and summed
+        in fp32."""
+        samples = received.float()
+        rows = torch.stack([(samples * samples).sum(0), samples.sum(0)], dim=1)
+        self._accumulate(rows, pieces)
+
     def _accumulate(self, flat: Tensor, pieces: list[OwnedSlice]) -> None:
-        """Add reduced bucket rows [k, (g^2[, g])] into Q (and S) of their owners."""
-        channels = (self._sq, self._sum)[:self.reduction.row]
+        """Add reduced rows [k, (g^2[, g])] into Q (and S) of their owners."""
+        channels = (self._sq, self._sum)[:flat.shape[1]]
         start = 0
         for piece in pieces:
             rows = flat.narrow(0, start, piece.numel).to(piece.owner.device)  # offload: one copy to the host

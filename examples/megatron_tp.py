@@ -103,22 +103,43 @@ def _shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.nn.Param
     return param
 
 
-class TensorParallelTokenModel(torch.nn.Module):
-    """ids [B, T] -> [B, 1]: embedding, MLP (column- then row-parallel), LayerNorm, mean over tokens, head.
+def _reduce(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group is None else _ReduceFromTensorParallel.apply(x, group)
 
-    ``state=None`` builds the unsharded model (the reference); weights depend only on ``seed``.
-    """
+
+def _full_weights(seed: int) -> dict[str, torch.Tensor]:
+    """The unsharded weights; they depend only on ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(*shape, generator=generator) * scale for name, shape, scale in (
+        ("embedding", (VOCAB, HIDDEN), 1.0), ("up", (FFN, HIDDEN), 0.3), ("up_bias", (FFN,), 0.1),
+        ("down", (HIDDEN, FFN), 0.3), ("down_bias", (HIDDEN,), 0.1), ("head", (1, HIDDEN), 0.3))}
+
+
+class TokenEmbedding(torch.nn.Module):
+    """ids [B, T] -> x [B, T, HIDDEN]: a vocabulary-parallel embedding (``state=None``: unsharded)."""
 
     def __init__(self, state: ParallelState | None = None, seed: int = 0):
         super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        full = {name: torch.randn(*shape, generator=generator) * scale for name, shape, scale in (
-            ("embedding", (VOCAB, HIDDEN), 1.0), ("up", (FFN, HIDDEN), 0.3), ("up_bias", (FFN,), 0.1),
-            ("down", (HIDDEN, FFN), 0.3), ("down_bias", (HIDDEN,), 0.1), ("head", (1, HIDDEN), 0.3))}
         self.group = None if state is None else state.get_tensor_model_parallel_group()
         rank, size = (0, 1) if state is None else (state.get_tensor_model_parallel_rank(), state.tp)
         self.vocab_start = rank * VOCAB // size
-        self.embedding = _shard(full["embedding"], 0, rank, size)  # vocabulary-parallel
+        self.embedding = _shard(_full_weights(seed)["embedding"], 0, rank, size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        inside = (local >= 0) & (local < self.embedding.shape[0])
+        return _reduce(F.embedding(local.clamp(0, self.embedding.shape[0] - 1), self.embedding)
+                       * inside.unsqueeze(-1), self.group)
+
+
+class TokenMLPHead(torch.nn.Module):
+    """x [B, T, HIDDEN] -> [B, 1]: MLP (column- then row-parallel), LayerNorm, mean over tokens, head."""
+
+    def __init__(self, state: ParallelState | None = None, seed: int = 0):
+        super().__init__()
+        full = _full_weights(seed)
+        self.group = None if state is None else state.get_tensor_model_parallel_group()
+        rank, size = (0, 1) if state is None else (state.get_tensor_model_parallel_rank(), state.tp)
         self.up = _shard(full["up"], 0, rank, size)  # column-parallel: output features split
         self.up_bias = _shard(full["up_bias"], 0, rank, size)
         self.down = _shard(full["down"], 1, rank, size)  # row-parallel: input features split
@@ -126,24 +147,25 @@ class TensorParallelTokenModel(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(HIDDEN)
         self.head = torch.nn.Parameter(full["head"])
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.group is None else _ReduceFromTensorParallel.apply(x, self.group)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        local = ids - self.vocab_start
-        inside = (local >= 0) & (local < self.embedding.shape[0])
-        x = self._reduce(F.embedding(local.clamp(0, self.embedding.shape[0] - 1), self.embedding)
-                         * inside.unsqueeze(-1))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.gelu(F.linear(x if self.group is None else _CopyToTensorParallel.apply(x, self.group),
                             self.up, self.up_bias))
-        x = self.norm(x + self._reduce(F.linear(h, self.down)) + self.down_bias)
+        x = self.norm(x + _reduce(F.linear(h, self.down), self.group) + self.down_bias)
         return F.linear(x.mean(1), self.head)
+
+
+class TensorParallelTokenModel(torch.nn.Sequential):
+    """ids [B, T] -> [B, 1]: :class:`TokenEmbedding` then :class:`TokenMLPHead` (the two stages of a
+    pipeline). ``state=None`` builds the unsharded model (the reference); weights depend only on ``seed``."""
+
+    def __init__(self, state: ParallelState | None = None, seed: int = 0):
+        super().__init__(TokenEmbedding(state, seed), TokenMLPHead(state, seed))
 
     def unsharded(self, shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The full parameters from every tensor rank's ``state_dict()`` (in tensor-rank order)."""
         full = {}
         for name, value in shards[0].items():
-            param = getattr(self, name, None)  # the shards are direct attributes; LayerNorm's are replicated
+            param = self.get_parameter(name)
             sharded = getattr(param, "tensor_model_parallel", False)
             full[name] = torch.cat([s[name] for s in shards], param.partition_dim) if sharded else value
         return full

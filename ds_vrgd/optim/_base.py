@@ -9,6 +9,7 @@ their two per-layer reductions: docs/design.md §4, "How a step runs".
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Iterable, Optional
@@ -41,6 +42,13 @@ def statistics_step(t: int, group: dict) -> bool:
     after ``gsnr_warmup_steps`` and every ``gsnr_interval``-th one after it (docs/design.md §2)."""
     warmup = group["gsnr_warmup_steps"]
     return t > warmup and (t - warmup - 1) % group["gsnr_interval"] == 0
+
+
+def statistics_steps_through(t: int, group: dict) -> int:
+    """How many of steps 1..t are statistics steps: the EMA's step count after step t (so the EMA's bias
+    correction needs no state of its own, and checkpoints of every format carry it with the step count)."""
+    warmup = group["gsnr_warmup_steps"]
+    return 0 if t <= warmup else 1 + (t - warmup - 1) // group["gsnr_interval"]
 
 
 class VROptimizer(Optimizer):
@@ -112,9 +120,17 @@ class VROptimizer(Optimizer):
         super().zero_grad(set_to_none)
         self._moments.reset()
 
+    def state_dict(self) -> dict:
+        """torch's state dict, and under ``"vr"`` the last statistics (:meth:`gsnr_stats`) and the count of
+        skipped steps, so that a resumed run reports them as the uninterrupted one does."""
+        state = super().state_dict()
+        state["vr"] = {"skipped_steps": self.skipped_steps,
+                       "stats": None if self._stats is None else dataclasses.asdict(self._stats)}
+        return state
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, keeping :data:`FP32_STATE` (the GSNR EMA, the held rho) in fp32 for low-precision
-        parameters."""
+        parameters, and the statistics and skipped-step count of :meth:`state_dict` (absent: none)."""
         fp32 = {
             (index, key): value[key].float().clone()
             for index, value in state_dict["state"].items()
@@ -127,6 +143,9 @@ class VROptimizer(Optimizer):
         for (index, key), value in fp32.items():
             param = params[order.index(index)]
             self.state[param][key] = value.to(param.device)
+        vr = state_dict.get("vr", {})
+        self.skipped_steps = vr.get("skipped_steps", 0)
+        self._stats = gsnr.GsnrStats(**vr["stats"]) if vr.get("stats") else None
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -268,12 +287,11 @@ class VROptimizer(Optimizer):
         updates: Updates = []
         for g, group_ratios in zip(groups, ratios):
             group, ops = g.group, g.ops
-            ema_steps = self._advance_ema_steps(g) if g.gsnr and group["gsnr_ema"] > 0.0 else {}
             updates.append([])
             for block, ratio in zip(g.each_block(), group_ratios):
                 rho = None
                 if ratio is not None:
-                    at_low, at_high = self._factor(g, block, ratio, normalisers, ema_steps)
+                    at_low, at_high = self._factor(g, block, ratio, normalisers)
                     second.put(block.columns, at_low=at_low, at_high=at_high)
                     rho = ratio.ratio
                     if group["gsnr_interval"] > 1:  # held until the next statistics step
@@ -286,9 +304,7 @@ class VROptimizer(Optimizer):
                 updates[-1].append(update)
         return second, updates
 
-    def _factor(
-        self, g: GroupStep, block: Block, ratio: gsnr.GsnrRatio, normalisers: list, ema_steps: dict[int, int]
-    ) -> Tensor:
+    def _factor(self, g: GroupStep, block: Block, ratio: gsnr.GsnrRatio, normalisers: list) -> Tensor:
         """rho of a block in place (over ``ratio.ratio``); returns its [2, P] bound counts."""
         scales = []
         for z, layer in zip(ratio.scale, (p.layer for p in block.pieces)):
@@ -296,7 +312,7 @@ class VROptimizer(Optimizer):
             scales.append(None if inverse_mean is None else z * inverse_mean)
         ema = None
         if g.group["gsnr_ema"] > 0.0:
-            steps = [ema_steps[id(p.owner)] for p in block.pieces]
+            steps = [statistics_steps_through(t, g.group) for t in block.steps]
             ema = (block.state("gsnr_q_ema", torch.float32), g.group["gsnr_ema"], steps)
         return gsnr.bound_factor_(ratio.ratio, scales, g.group["gamma"], g.ops, ema)
 
@@ -318,16 +334,6 @@ class VROptimizer(Optimizer):
         for param in g.group["params"]:
             if param.grad is not None:
                 self.state[param]["step"] += 1
-
-    def _advance_ema_steps(self, g: GroupStep) -> dict[int, int]:
-        """Count one more EMA step for every owner of the group with a gradient; returns owner id -> count."""
-        counts = {}
-        for param in g.group["params"]:
-            if param.grad is not None:
-                state = self.state[param]
-                state["gsnr_ema_steps"] = state.get("gsnr_ema_steps", 0) + 1
-                counts[id(param)] = state["gsnr_ema_steps"]
-        return counts
 
     def _rho_source(self, group: dict, n: int) -> tuple[bool, bool]:
         """(GSNR computed this step, rho held from the last statistics step) for a group; neither: rho = 1.

@@ -45,6 +45,11 @@ SPECIAL_2 = {
 }
 # ZeRO-Offload (offload_optimizer cpu): the VR step runs on the host copy of the fp32 partition
 OFFLOAD_2 = [dict(optimizer=o, stage=s, gas=2, clip=0.02, offload=True) for o in VR_OPTIMIZERS for s in (1, 2)]
+# ZeRO-Offload in half precision, stages 1-3: each equals the same run on the device (offload moves the
+# optimizer state and its step to the host, nothing else)
+HALF_OFFLOAD = {(stage, precision, offload): dict(optimizer="VRLAMB", stage=stage, gas=2, precision=precision,
+                                                  offload=offload, steps=4)
+                for stage in (1, 2, 3) for precision in ("bf16", "fp16") for offload in (False, True)}
 FP16_2 = {
     "fp16": dict(optimizer="VRAdamW", stage=2, gas=2, precision="fp16", steps=4),
     "fp16_overflow": dict(optimizer="VRLAMB", stage=1, gas=2, precision="fp16", steps=8, scale_power=16),
@@ -70,8 +75,17 @@ def world4():
 
 @pytest.fixture(scope="module")
 def fp16_world2():
-    cases = list(FP16_2.values())
+    cases = list(FP16_2.values()) + list(HALF_OFFLOAD.values())
     return results_by_case(2, cases, fp16_on_cpu=True)
+
+
+@pytest.mark.parametrize("stage, precision", [(s, p) for s in (1, 2, 3) for p in ("bf16", "fp16")])
+def test_half_precision_offload_equals_the_device_run(fp16_world2, stage, precision):
+    offloaded, on_device = (fp16_world2[id(HALF_OFFLOAD[(stage, precision, offload)])] for offload in (True, False))
+    assert offloaded["stats"]["n"] == on_device["stats"]["n"] == 4
+    assert offloaded["applied"] == on_device["applied"] and offloaded["applied"]
+    assert max_param_diff(offloaded["params"], on_device["params"]) < 1e-6
+    assert offloaded["comm_per_step"] == on_device["comm_per_step"]
 
 
 @pytest.mark.parametrize("case", EQUIVALENCE_2, ids=_name)
@@ -91,14 +105,15 @@ def test_two_ranks_match_single_process_reference(world2, case):
 
 @pytest.mark.parametrize("case", OFFLOAD_2, ids=_name)
 def test_offload_matches_reference_and_the_device_run(world2, case):
-    """ZeRO-Offload equals the single-process reference and the same run without offload; the sum of
-    squares is the host partition's size (fp32: the mean comes from the gradient, docs/design.md §3)."""
+    """ZeRO-Offload equals the single-process reference and the same run without offload; the sums of squares
+    and of samples are the host partition's size (ZeRO 1 fp32: Σg² alone, the mean comes from the gradient;
+    ZeRO 2: both, made at the owner from the raw samples; docs/design.md §3)."""
     got, want = world2[id(case)], reference(case, 2)
     on_device = world2[id(next(c for c in EQUIVALENCE_2 if c == {k: v for k, v in case.items() if k != "offload"}))]
     assert got["stats"]["n"] == 4
     assert max_param_diff(got["params"], want["params"]) < TOL
     assert max_param_diff(got["params"], on_device["params"]) < TOL
-    assert got["buffers"]["sq"] == got["partition_numel"]
+    assert got["buffers"]["sq"] == (1 if case["stage"] == 1 else 2) * got["partition_numel"]
 
 
 def test_bf16_offload_matches_the_bf16_device_run(world2):
@@ -132,20 +147,19 @@ def test_memory_and_communication_bounds(world2, small_model):
     total = sum(p.numel() for p in small_model.parameters())
     case = next(c for c in EQUIVALENCE_2 if c["stage"] == 2 and c["gas"] == 2 and c["optimizer"] == "VRLAMB")
     got = world2[id(case)]
-    # fp32: one fp32 buffer (the sum of squares; the mean comes from the gradient, docs/design.md §3)
-    # exactly the size of this rank's partition, one bucket of reduce_bucket_size, no local sums
-    assert got["buffers"] == {"sq": got["partition_numel"], "bucket": 50, "local": 0}
+    # ZeRO-2: Σg² and Σg of exactly this rank's partition, made there from the raw samples; one bucket of
+    # reduce_bucket_size raw samples, no local sums
+    assert got["buffers"] == {"sq": 2 * got["partition_numel"], "bucket": 50, "local": 0}
     assert got["partition_numel"] < total
-    # ZeRO-2: every gradient element travels once per micro-step, like the gradient itself, as g^2
+    # every gradient element travels once per micro-step, like the gradient itself, as the raw fp32 sample
     micro_steps = case.get("steps", 3) * case["gas"]
-    assert got["comm"]["elements"] == total * micro_steps
-    # the squares travel in the bucket's two halves (one reduced while the other fills), a
-    # parameter that does not fit in chunks: one reduce per destination rank per full half
-    launches_per_micro_step = math.ceil(total / (50 // 2))
-    assert got["comm"]["collectives"] <= 2 * launches_per_micro_step * micro_steps
+    assert got["comm"]["elements"] == total * micro_steps and got["comm"]["bytes"] == 4 * total * micro_steps
+    # in the bucket's two halves (one in flight while the other fills), a parameter that does not fit in
+    # chunks: one all-to-all per full half
+    assert got["comm"]["collectives"] <= 2 * math.ceil(total / (50 // 2)) * micro_steps
     big = world2[id(SPECIAL_2["big_bucket"])]
-    assert big["buffers"]["bucket"] == total  # a bucket never exceeds the model's g^2 rows
-    assert big["comm"]["collectives"] <= 2 * 2 * micro_steps  # two halves per backward, <= 2 destinations
+    assert big["buffers"]["bucket"] == total  # a bucket never exceeds the model's samples
+    assert big["comm"]["collectives"] <= 2 * micro_steps  # two halves per backward
 
 
 def test_stage0_keeps_full_replicated_buffer(world2, small_model):
@@ -165,13 +179,14 @@ def test_bf16_runs_close_to_fp32_reference(world2):
     assert got["stats"]["gsnr_mean"] == pytest.approx(want["stats"]["gsnr_mean"], rel=0.05)
 
 
-def test_bf16_carries_the_sample_sums_that_fp32_takes_from_the_gradient(world2):
-    """bf16 gradients are reduced in bf16, so the fp32 sum of the samples travels with the squares
-    ((g^2, g) rows, Q and S); in fp32 the gradient is that sum (docs/design.md §3): g^2 alone."""
+def test_bf16_samples_travel_in_bf16(world2):
+    """ZeRO-2: the raw samples travel in their own dtype, so bf16 sends half the bytes of fp32, and the owners
+    keep Σg² and Σg in fp32 in both (docs/design.md §3)."""
     fp32 = world2[id(next(c for c in EQUIVALENCE_2 if c["stage"] == 2 and c["gas"] == 2 and c["optimizer"] == "VRLAMB"))]
     bf16 = world2[id(SPECIAL_2["bf16"])]
-    assert bf16["buffers"]["sq"] == 2 * fp32["buffers"]["sq"]
-    assert bf16["comm"]["elements"] == 2 * fp32["comm"]["elements"]
+    assert bf16["buffers"] == fp32["buffers"]
+    assert bf16["comm"]["elements"] == fp32["comm"]["elements"]
+    assert 2 * bf16["comm"]["bytes"] == fp32["comm"]["bytes"]
 
 
 def test_vr_false_is_the_base_optimizer_without_capture(world2):

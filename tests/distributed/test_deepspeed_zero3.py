@@ -96,14 +96,14 @@ def test_bf16_runs_close_to_fp32_reference(world2):
 
 
 def test_memory_and_communication_bounds(world2, small_model):
-    """fp32: Q the size of the rank's partition (sub-groups summed; the mean comes from the gradient), one
-    bucket; every element of every parameter travels once per micro-step as g^2."""
+    """Σg² and Σg the size of the rank's partition (sub-groups summed), made there from the raw samples, one
+    bucket; every element of every parameter travels once per micro-step as its raw fp32 sample."""
     total = sum(p.numel() for p in small_model.parameters())
     case = next(c for c in STAGE3_2 if c["optimizer"] == "VRLAMB" and c["gas"] == 2)
     got = world2[id(case)]
-    assert got["buffers"] == {"sq": got["partition_numel"], "bucket": 50, "local": 0}
+    assert got["buffers"] == {"sq": 2 * got["partition_numel"], "bucket": 50, "local": 0}
     assert got["partition_numel"] < total
-    assert got["comm"]["elements"] == total * case.get("steps", 3) * case["gas"]
+    assert got["comm"]["bytes"] == 4 * total * case.get("steps", 3) * case["gas"]
 
 
 @pytest.mark.parametrize("pair", [("checkpoint", "uninterrupted"),

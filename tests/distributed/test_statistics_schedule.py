@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.support.costs_table import vr_values_per_element
+from tests.support.costs_table import vr_bytes_per_element
 from tests.support.ds_harness import loss_of, make_model, max_param_diff, micro_batch, reference, results_by_case
 from tests.support.launching import rank_env, spawn_results
 
@@ -24,7 +24,7 @@ ZERO = {
     "zero2-sgd-ema": dict(optimizer="VRSGD", stage=2, gas=2, steps=5, params=dict(INTERVAL, momentum=0.9, gsnr_ema=0.5)),
     "zero2-warmup": dict(optimizer="VRAdamW", stage=2, gas=2, steps=5, params={"gsnr_interval": 2, "gsnr_warmup_steps": 1}),
 }
-ROWS = {1: "z1-fp32", 2: "z23-fp32", 3: "z23-fp32"}
+ROWS = {1: "local-fp32", 2: "raw-fp32", 3: "raw-fp32"}
 RESUMED = {f"{name}-checkpoint": dict(ZERO[name], checkpoint=True, params=dict(INTERVAL, gsnr_ema=0.5))
            for name in ("zero1", "zero2", "zero3")}
 STRAIGHT = {f"{name}-straight": dict(ZERO[name], params=dict(INTERVAL, gsnr_ema=0.5)) for name in ("zero1", "zero2", "zero3")}
@@ -40,10 +40,10 @@ def test_zero_statistics_steps_match_the_reference_and_the_others_send_nothing(z
     case, got = ZERO[name], zero[id(ZERO[name])]
     assert max_param_diff(got["params"], reference(case, 2)["params"]) < TOL
     numel = sum(p.numel() for p in small_model.parameters())
-    per_step = vr_values_per_element(ROWS[case["stage"]], case["gas"]) * numel
+    per_step = vr_bytes_per_element(ROWS[case["stage"]], case["gas"]) * numel
     interval, warmup = case["params"]["gsnr_interval"], case["params"].get("gsnr_warmup_steps", 0)
     due = [t > warmup and (t - warmup - 1) % interval == 0 for t in range(1, case["steps"] + 1)]
-    assert got["comm_per_step"] == [per_step if d else vr_values_per_element("held", 2) for d in due]
+    assert got["comm_per_step"] == [per_step if d else vr_bytes_per_element("held", 2) for d in due]
     assert got["stats"]["step"] == max(t for t, d in enumerate(due, 1) if d)  # statistics of the last statistics step
 
 

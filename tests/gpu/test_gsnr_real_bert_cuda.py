@@ -16,7 +16,7 @@ from tests.math.test_gsnr_real_bert import (
     MICRO_BATCH, assert_matches, layer_means, loss_scale, model_in, record_samples, recording_optimizer, reference,
     whole_param_rho,
 )
-from tests.support.real_bert import bert_batches, bert_model, mlm_loss, pretrain_steps
+from tests.support.real_bert import bert_batches, init_and_trained, mlm_loss
 
 pytestmark = MARKS
 
@@ -31,10 +31,7 @@ def batches():
 @pytest.fixture(scope="module")
 def states(batches):
     """'init' and 'trained' (30 AdamW steps, here on the GPU) state dicts, fp32, on the CPU."""
-    model = bert_model("tiny", batches)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    pretrain_steps(model.to(DEVICE), on_device(batches, DEVICE), 30)
-    return {"init": init, "trained": {k: v.cpu().clone() for k, v in model.state_dict().items()}}
+    return init_and_trained(batches, device=DEVICE, train_batches=on_device(batches, DEVICE))
 
 
 CASES = [pytest.param(state, n, precision, None, id=f"{state}-n{n}-{precision}")

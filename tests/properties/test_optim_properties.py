@@ -440,7 +440,9 @@ def test_non_finite_gradient_skips_the_step(name, how):
     opt.zero_grad()
     for p, b in zip(params, before_params):
         assert torch.equal(p.detach(), b)
-    _assert_same_tree(opt.state_dict(), before_state)
+    after_state = opt.state_dict()
+    assert after_state["vr"].pop("skipped_steps") == before_state["vr"].pop("skipped_steps") + 1  # only the count
+    _assert_same_tree(after_state, before_state)
     assert opt.skipped_steps == before_skipped + 1
     # training goes on as if the bad step never happened
     train_step(2)
@@ -457,7 +459,7 @@ def test_state_dict_round_trip_continues_exactly(name, extra):
     schedule's position travel in the state_dict)."""
     problem = Problem("model", n=3, steps=6, seed=8)
     hyper = dict(gamma=0.5, **extra, **CFG[name])
-    straight, _ = run_impl(problem, VR_OPTIMIZERS[name], **hyper)
+    straight, straight_opt = run_impl(problem, VR_OPTIMIZERS[name], **hyper)
 
     params = problem.make_params()
     opt = VR_OPTIMIZERS[name](params, **hyper)
@@ -480,6 +482,7 @@ def test_state_dict_round_trip_continues_exactly(name, extra):
         opt2.zero_grad()
     for a, b in zip(params2, straight):
         assert torch.equal(a.detach(), b.detach()), (a - b).abs().max()
+    assert opt2.gsnr_stats() == straight_opt.gsnr_stats()  # the last statistics came back with the state
 
 
 @pytest.mark.parametrize("name", NAMES)

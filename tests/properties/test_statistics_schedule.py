@@ -99,3 +99,20 @@ def test_samples_due_follows_the_schedule():
     assert due == [t > 2 and (t - 3) % 4 == 0 for t in range(1, 13)]
     assert not VRSGD(params, lr=0.1, vr=False).samples_due()
     assert not VRSGD(params, lr=0.1, gamma=0.0).samples_due()
+
+
+def test_the_last_statistics_and_skipped_steps_travel_in_the_state_dict():
+    """Resumed between two statistics steps, gsnr_stats() reports the last statistics step's, as the
+    uninterrupted run does (and skipped_steps keeps counting)."""
+    import copy
+
+    problem = Problem("direct", n=3, steps=2, seed=4)
+    params = problem.make_params()
+    opt = VRSGD(params, lr=0.1, gsnr_interval=3)
+    opt.recorded = []
+    _train(opt, params, problem, 2)
+    opt.skipped_steps = 2
+    fresh = VRSGD(params, lr=0.1, gsnr_interval=3)
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert fresh.gsnr_stats() == opt.gsnr_stats() and fresh.gsnr_stats()["step"] == 1
+    assert fresh.skipped_steps == 2

@@ -22,8 +22,8 @@ def documented_rows() -> dict[str, list[str]]:
     return rows
 
 
-def vr_values_per_element(row_id: str, gas: int) -> int:
-    """The table's "VR fp32 values / element / step" of a row (an expression in GA: 1, 2, GA, 2 GA)."""
+def vr_bytes_per_element(row_id: str, gas: int) -> int:
+    """The table's "VR bytes / element / step" of a row (an expression in GA: 4, 8, GA, 2 GA, ...)."""
     expression = documented_rows()[row_id][4]
     match = re.fullmatch(r"(\d+)?\s*(GA)?", expression)
     assert match and expression, f"docs/costs.md row {row_id}: cannot read {expression!r}"

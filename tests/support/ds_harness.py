@@ -44,7 +44,8 @@ def ds_config(case: dict) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": case.get("gas", 1),
-        "optimizer": {"type": case["optimizer"], "params": dict(OPTIMIZER_PARAMS, **case.get("params", {}))},
+        "optimizer": {"type": case["optimizer"],
+                      "params": case.get("optimizer_params", dict(OPTIMIZER_PARAMS, **case.get("params", {})))},
         "zero_optimization": {
             "stage": case.get("stage", 2),
             "reduce_bucket_size": case.get("bucket", 50),
@@ -79,12 +80,12 @@ def ds_config(case: dict) -> dict:
 def train_engine(engine, case: dict, rank: int, first_step: int = 0, comm_per_step: list | None = None,
                  device=None) -> list[int]:
     """Train; return the steps the engine applied (fp16 overflow steps are skipped). ``comm_per_step``: gets
-    the elements the VR source reduced in each step; ``device``: where the micro-batches go (default: stay)."""
+    the bytes the VR source sent in each step; ``device``: where the micro-batches go (default: stay)."""
     dtype = next(engine.module.parameters()).dtype
     comm = getattr(getattr(engine, "vr_optimizer", None), "_moments", None)
     applied = []
     for step in range(first_step, first_step + case.get("steps", 3)):
-        before = comm.comm["elements"] if comm is not None else 0
+        before = comm.comm["bytes"] if comm is not None else 0
         for micro in range(case.get("gas", 1)):
             x, y = micro_batch(step, rank, micro)
             loss = loss_of(engine, x.to(device, dtype), y.to(device, dtype)).float()
@@ -93,29 +94,31 @@ def train_engine(engine, case: dict, rank: int, first_step: int = 0, comm_per_st
         if engine._step_applied:
             applied.append(step)
         if comm_per_step is not None and comm is not None:
-            comm_per_step.append(comm.comm["elements"] - before)
+            comm_per_step.append(comm.comm["bytes"] - before)
     return applied
 
 
 def _result(engine, applied: list[int], comm_per_step: list[int] = ()) -> dict:
+    """What rank 0 returns of a case; a DeepSpeed optimizer (a control case) has no VR statistics or traffic."""
     import deepspeed
 
-    optimizer = engine.vr_optimizer
-    source = optimizer._moments
     params = {}
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):  # ZeRO-3: the whole parameter (else a no-op)
             params[name] = param.detach().float().clone()
+    common = {"applied": applied, "params": params, "wrapper": type(engine.optimizer).__name__,
+              "skipped": engine.skipped_steps}
+    optimizer = getattr(engine, "vr_optimizer", None)
+    if optimizer is None:
+        return common
+    source = optimizer._moments
     return {
-        "applied": applied,
-        "params": params,
+        **common,
         "stats": optimizer.gsnr_stats(),
         "comm": dict(source.comm),
         "comm_per_step": list(comm_per_step),
-        "wrapper": type(engine.optimizer).__name__,
         "buffers": source.buffer_numel(),
         "partition_numel": source.owned_numel(),
-        "skipped": engine.skipped_steps,
         "steps": max((int(s["step"].item()) for s in optimizer.state.values() if "step" in s), default=0),
     }
 

@@ -67,6 +67,15 @@ def pretrain_steps(model, batches: BertBatches, steps: int, micro_batch: int = 8
         optimizer.zero_grad()
 
 
+def init_and_trained(batches: BertBatches, steps: int = 30, device: str = "cpu", train_batches=None) -> dict:
+    """BERT-tiny's state dicts (fp32, on the CPU): 'init', and 'trained' after ``steps`` AdamW steps on ``device``
+    (``train_batches``: the batches as that device needs them; default ``batches``)."""
+    model = bert_model("tiny", batches)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    pretrain_steps(model.to(device), train_batches or batches, steps)
+    return {"init": init, "trained": {k: v.cpu().clone() for k, v in model.state_dict().items()}}
+
+
 def sample_grads(model, batches: BertBatches, n: int, micro_batch: int = 8, scale: float = 1.0) -> dict[str, list]:
     """name -> the gradients of micro-batches 0..n-1 (each in the parameter's dtype), one backward at a time.
 
