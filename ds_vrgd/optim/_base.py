@@ -297,7 +297,9 @@ class VROptimizer(Optimizer):
                     if group["gsnr_interval"] > 1:  # held until the next statistics step
                         ops.copy_(block.state("gsnr_rho", torch.float32), rho)
                 elif g.held:
-                    rho = ops.clone(block.state("gsnr_rho", torch.float32, fill=1.0))  # the rule may write over it
+                    # a copy the rule may write over; kept, not a block temporary: LARS/LAMB write their
+                    # direction into rho and phase 3 reads it after later blocks have reused the scratch
+                    rho = ops.clone(block.state("gsnr_rho", torch.float32, fill=1.0), keep=True)
                 update = self._direction(group, block, rho, ops)
                 if self.uses_layer_norms:
                     second.put(block.columns, weight_sq=ops.sq_norms(block.params), update_sq=ops.sq_norms(update))

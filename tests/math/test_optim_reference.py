@@ -183,14 +183,17 @@ def test_gamma_per_param_group(name):
     _assert_close(params, ref.params)
 
 
+@pytest.mark.parametrize("interval", [1, 2], ids=["every-step", "interval2"])
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_cache_tiles_match_reference(monkeypatch, name, foreach):
+def test_cache_tiles_match_reference(monkeypatch, name, foreach, interval):
     """Tiles smaller than the tensors (a layer's sums gathered from several tiles, several
-    tensors' tiles in one block) and both op paths give the reference's result."""
+    tensors' tiles in one block) and both op paths give the reference's result; also on the held
+    steps of ``gsnr_interval``, whose rho must outlive the block's temporaries (LARS/LAMB keep the
+    direction written over it until phase 3)."""
     monkeypatch.setattr("ds_vrgd.optim._base.CPU_TILE_NUMEL", 5)
     problem = Problem("direct", shapes=((7,), (5, 6), (4, 3), (2,)), n=3, steps=4, seed=17)
-    hyper = dict(CONFIGS[name][-1], gamma=0.5)
+    hyper = dict(CONFIGS[name][-1], gamma=0.5, gsnr_interval=interval)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         params, _ = run_impl(problem, VR_OPTIMIZERS[name], foreach=foreach, **hyper)
