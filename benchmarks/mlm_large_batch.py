@@ -5,6 +5,7 @@
     python benchmarks/mlm_large_batch.py --experiment main --jobs 2
     python benchmarks/mlm_large_batch.py --experiment gamma --jobs 2
     python benchmarks/mlm_large_batch.py --experiment n --jobs 2
+    python benchmarks/mlm_large_batch.py --experiment interval --jobs 1 --batches 64,512   # after main
     python benchmarks/mlm_large_batch.py --report                # tables -> docs/results.md, plots -> docs/img/
 
 Setup. Data: ``python -m ds_vrgd.pretrain.data`` output (prepared into
@@ -48,7 +49,14 @@ skips finished runs, ``--force`` redoes them):
   gamma  VRLAMB at each of ``--sweep-batches`` (default: the first and the last of ``--batches``),
          gamma in ``--gammas``, ``--sweep-seeds``
   n      VRLAMB at each of ``--sweep-batches``, n in ``--ns`` (global batch fixed), ``--sweep-seeds``
+  interval  VRLAMB with ``gsnr_interval`` in ``--intervals`` (GSNR statistics every k-th step, rho held in
+         between) at each of ``--interval-batches`` (default: the moderate one), main's n, lr and ``--seeds``;
+         its comparison with main's LAMB and VRLAMB (k = 1) of the same seeds is printed and written
+         into the generated block ``mlm_gsnr_interval`` of ``--doc``
 (the sweeps' LAMB reference, gamma 0, is main's LAMB at the same batch: run main first)
+
+``--gsnr-interval K`` (default 1) gives every VRLAMB run of any experiment gsnr_interval K; the run id
+names it only when K != 1, so the ids of the runs with statistics on every step stay as they were.
 """
 
 from __future__ import annotations
@@ -97,7 +105,7 @@ from ds_vrgd.pretrain.train import (
     warmup_poly_decay,
 )
 
-EXPERIMENTS = ("lr", "main", "gamma", "n")
+EXPERIMENTS = ("lr", "main", "gamma", "n", "interval")
 EVAL_ROWS_PER_BATCH = 128
 
 
@@ -114,13 +122,15 @@ class RunSpec:
     samples: int  # training sequences of the whole run
     preset: str
     seq_len: int
+    gsnr_interval: int = 1  # VRLAMB's statistics schedule: GSNR on every k-th step, rho held in between
 
     @property
     def steps(self) -> int:
         return self.samples // self.batch
 
     def run_id(self) -> str:
-        return (f"{self.optimizer}_{self.preset}_seq{self.seq_len}_B{self.batch}_n{self.n}_g{self.gamma:g}"
+        interval = f"_interval{self.gsnr_interval}" if self.gsnr_interval != 1 else ""  # k = 1: the ids of before
+        return (f"{self.optimizer}_{self.preset}_seq{self.seq_len}_B{self.batch}_n{self.n}_g{self.gamma:g}{interval}"
                 f"_lr{self.lr:.3g}_S{self.samples}_seed{self.seed}")
 
 
@@ -199,7 +209,7 @@ def train_run(job: tuple) -> dict:
     eval_sets = evaluation_sets(data_dir, masking)
     model = MaskedPositionsMLM(build_bert_mlm(spec.preset, meta["vocab_size"], spec.seed, max_seq_len=spec.seq_len))
     optimizer = VRLAMB(parameter_groups(model), lr=spec.lr, weight_decay=0.01, gamma=spec.gamma,
-                       vr=spec.optimizer == "VRLAMB")
+                       vr=spec.optimizer == "VRLAMB", gsnr_interval=spec.gsnr_interval)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_poly_decay(spec.steps, DEFAULT_WARMUP, DEFAULT_POWER))
     collator = pretrain_data.MLMCollator(masking, seed=spec.seed)
@@ -236,10 +246,12 @@ def train_run(job: tuple) -> dict:
 
 
 def base_spec(args, optimizer: str, batch: int, seed: int) -> RunSpec:
-    """The recipe's run: lr sqrt-scaled from the moderate batch, n = --n, gamma = --gamma for VRLAMB."""
-    return RunSpec(optimizer=optimizer, batch=batch, n=args.n, gamma=args.gamma if optimizer == "VRLAMB" else 0.0,
+    """The recipe's run: lr sqrt-scaled from the moderate batch, n = --n, gamma = --gamma and gsnr_interval =
+    --gsnr-interval for VRLAMB."""
+    vr = optimizer == "VRLAMB"
+    return RunSpec(optimizer=optimizer, batch=batch, n=args.n, gamma=args.gamma if vr else 0.0,
                    lr=sqrt_scaled_lr(args.lr, batch, args.moderate_batch), seed=seed, samples=args.samples,
-                   preset=args.preset, seq_len=args.seq_len)
+                   preset=args.preset, seq_len=args.seq_len, gsnr_interval=args.gsnr_interval if vr else 1)
 
 
 def sweep_specs(args, field: str, value, batch: int) -> list[RunSpec]:
@@ -259,7 +271,15 @@ def experiment_specs(name: str, args) -> list[RunSpec]:
     if name in ("gamma", "n"):  # the LAMB reference (gamma 0) comes from main
         return [spec for batch in args.sweep_batches for value in (args.gammas if name == "gamma" else args.ns)
                 for spec in sweep_specs(args, name, value, batch)]
+    if name == "interval":  # the references (LAMB, VRLAMB with k = 1) come from main
+        return [interval_spec(args, batch, k, seed) for batch in args.interval_batches for k in args.intervals
+                for seed in args.seeds]
     raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+
+
+def interval_spec(args, batch: int, k: int, seed: int) -> RunSpec:
+    """main's VRLAMB run at ``batch`` with GSNR statistics on every k-th step (k = 1: main's run itself)."""
+    return replace(base_spec(args, "VRLAMB", batch, seed), gsnr_interval=k)
 
 
 def run_path(args, spec: RunSpec) -> str:
@@ -458,6 +478,51 @@ def plot_sweeps(args) -> str:
     return save_figure(figure, "mlm_sweeps", args.img_dir, args.doc)
 
 
+def interval_report(args) -> str:
+    """The interval experiment against main's runs of the same seeds: one row per setting (LAMB, VRLAMB at
+    k = 1 and at each of --intervals) and the same-seed differences of each k to k = 1 and to LAMB; written into
+    the generated block ``mlm_gsnr_interval`` of ``--doc``."""
+    rows, deltas = [], []
+    for batch in args.interval_batches:
+        lamb = records_of(args, [base_spec(args, "LAMB", batch, s) for s in args.seeds])
+        every = records_of(args, [interval_spec(args, batch, 1, s) for s in args.seeds])
+        for label, records in (("LAMB", lamb), ("VRLAMB", every)):
+            if records:
+                rows.append([label, batch, 1 if label == "VRLAMB" else "—", *interval_cells(records)])
+        for k in args.intervals:
+            records = records_of(args, [interval_spec(args, batch, k, s) for s in args.seeds])
+            if not records:
+                continue
+            rows.append(["VRLAMB", batch, k, *interval_cells(records)])
+            for name, reference in ((f"VRLAMB k={k} - VRLAMB k=1", every), (f"VRLAMB k={k} - LAMB", lamb)):
+                loss = paired_differences(records, reference, final_of("heldout_loss"))
+                if loss:
+                    acc = paired_differences(records, reference, final_of("heldout_acc"))
+                    deltas.append([batch, name, len(loss), fmt_mean_std(loss, digits=4), fmt_mean_std(acc, 100, 2),
+                                   " ".join(f"{d:+.4f}" for d in loss)])
+    if not rows:
+        raise SystemExit("no cached runs for the interval comparison: run --experiment main and interval first")
+    markdown = "\n\n".join([
+        (f"Final held-out MLM loss and accuracy, mean ± std over seeds ({', '.join(map(str, args.seeds))}); "
+         f"k = gsnr_interval (GSNR statistics on every k-th step, rho held in between)."),
+        table(["optimizer", "batch", "k", "seeds", "held-out loss", "held-out acc %", "train loss", "wall s/run"],
+              rows),
+        "Same-seed differences (mean ± std over seed pairs, then each pair's loss difference by seed):",
+        table(["batch", "difference", "seed pairs", "Δ held-out loss", "Δ held-out acc pp", "Δ loss per seed"],
+              deltas),
+    ])
+    update_results_doc("mlm_gsnr_interval", markdown, args.doc)
+    return markdown
+
+
+def interval_cells(records: list[dict]) -> list[str]:
+    """Seeds, final held-out loss and accuracy, train loss (mean ± std over seeds) and wall time of runs."""
+    return [len(records), fmt_mean_std((r["final"]["heldout_loss"] for r in records), digits=4),
+            fmt_mean_std((r["final"]["heldout_acc"] for r in records), 100, 2),
+            fmt_mean_std((r["final"]["train_loss"] for r in records), digits=4),
+            f"{mean_std(r['wall_s'] for r in records)[0]:.0f}"]
+
+
 def total_wall_minutes(args) -> float:
     """Summed wall time of all cached runs in ``--results``, in minutes."""
     total = 0.0
@@ -520,6 +585,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="batches of the sweeps (default: the first and the last of --batches)")
     p.add_argument("--gammas", type=comma_floats, default=[0.05, 0.1, 0.3, 1.0])
     p.add_argument("--ns", type=comma_ints, default=[2, 4, 8, 16])
+    p.add_argument("--gsnr-interval", type=int, default=1,
+                   help="VRLAMB's gsnr_interval in every experiment (GSNR statistics every k-th step; 1: every step)")
+    p.add_argument("--intervals", type=comma_ints, default=[10], help="gsnr_interval values of --experiment interval")
+    p.add_argument("--interval-batches", type=comma_ints,
+                   help="batches of --experiment interval (default: the moderate one, the first of --batches)")
     p.add_argument("--eval-points", type=int, default=16)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -533,11 +603,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.__dict__.update(data=os.path.join(quick, "data"), results=os.path.join(quick, "results"),
                              doc=os.path.join(quick, "results.md"), img_dir=os.path.join(quick, "img"),
                              max_bytes=args.max_bytes or 300_000, samples=256, batches=[16, 64],
-                             n=4, seeds=[0], sweep_seeds=[0], gammas=[0.3], ns=[2], lrs=[args.lr], eval_points=2)
+                             n=4, seeds=[0], sweep_seeds=[0], gammas=[0.3], ns=[2], lrs=[args.lr], eval_points=2,
+                             intervals=[3])
     args.moderate_batch, args.large_batch = args.batches[0], args.batches[-1]
     args.sweep_batches = args.sweep_batches or sorted({args.moderate_batch, args.large_batch})
-    if not set(args.sweep_batches) <= set(args.batches):
-        p.error("every --sweep-batches must be one of --batches (its LAMB runs are the reference)")
+    args.interval_batches = args.interval_batches or [args.moderate_batch]
+    if not set(args.sweep_batches) <= set(args.batches) or not set(args.interval_batches) <= set(args.batches):
+        p.error("every --sweep-batches and --interval-batches must be one of --batches (its LAMB runs are the "
+                "reference)")
+    if args.gsnr_interval < 1 or min(args.intervals) < 1:
+        p.error("--gsnr-interval and --intervals must be >= 1")
     if any(batch % n for batch in args.batches for n in [args.n, *args.ns]):
         p.error("every --batches must be a multiple of --n and of every --ns")
     args.fingerprint = None  # set by ensure_data
@@ -550,6 +625,8 @@ def main(argv: list[str] | None = None) -> None:
     experiments = EXPERIMENTS if args.quick else [args.experiment] if args.experiment else []
     for args.experiment in experiments:
         run_experiment(args)
+    if "interval" in experiments:
+        print(interval_report(args))
     if args.report or args.quick:
         print(report(args))
         print(f"\nreport written to {args.doc}")

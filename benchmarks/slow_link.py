@@ -46,8 +46,8 @@ unshaped), then:
   (forward, ``engine.backward``, ``engine.step``; ``zero2_step.train_step``) timed after a barrier, its time the
   maximum over ranks. Reported: the per-block mean step time (median [IQR] over blocks) and the ratio to LAMB
   per paired block (``_timing.paired_ratio``).
-* Traffic, counted: torch.distributed's all_reduce, reduce, reduce_scatter_tensor, all_gather_into_tensor,
-  all_gather, reduce_scatter, broadcast (and ``_all_gather_base``, ``_reduce_scatter_base``,
+* Traffic, counted: torch.distributed's all_reduce, reduce, reduce_scatter_tensor, all_to_all_single,
+  all_gather_into_tensor, all_gather, reduce_scatter, broadcast (and ``_all_gather_base``, ``_reduce_scatter_base``,
   ``all_reduce_coalesced``) are wrapped in the worker, in both ``torch.distributed`` and
   ``torch.distributed.distributed_c10d``, before ``deepspeed.init_distributed`` (DeepSpeed's comm backend keeps
   its own reference to ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` from that moment on; the
@@ -135,12 +135,12 @@ TARGETS = [  # (link, stage, precision, GA, engine, bound)
 
 # =============================================================================== worker side
 REDUCING = ("all_reduce", "reduce", "reduce_scatter_tensor", "reduce_scatter", "_reduce_scatter_base",
-            "all_reduce_coalesced")
+            "all_reduce_coalesced", "all_to_all_single")
 GATHERING = ("all_gather_into_tensor", "all_gather", "_all_gather_base", "broadcast")
 INPUT_ARG = {"all_reduce": "tensor", "reduce": "tensor", "broadcast": "tensor", "all_gather": "tensor",
              "reduce_scatter_tensor": "input", "_reduce_scatter_base": "input", "reduce_scatter": "input_list",
              "all_gather_into_tensor": "input_tensor", "_all_gather_base": "input_tensor",
-             "all_reduce_coalesced": "tensors"}
+             "all_reduce_coalesced": "tensors", "all_to_all_single": "input"}
 TIMERS = ("wait_s", "complete_s", "flush_s", "layer_sums_s")
 
 

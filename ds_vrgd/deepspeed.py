@@ -572,7 +572,8 @@ def _transport(engine: DeepSpeedEngine, local_sums: Any, layers: list[Layer]) ->
     moment travels"). "auto": at ZeRO 0 local sums (in Σg² itself); at ZeRO 2/3 raw samples every micro-step
     (no buffer of the model's size); where the engine keeps each rank's gradient but partitions the optimizer
     (ZeRO 1, BF16_Optimizer) whichever sends fewer bytes per step: GA raw samples, or the fp32 sums once
-    (ties: the sums, one reduction per step). False: every micro-step (raw where partitioned); True: sums."""
+    (ties: the raw samples, which overlap every backward pass, not only the last, and need no fp32 buffers of
+    the model's size). False: every micro-step (raw where partitioned); True: sums."""
     partitioned = any(s.rank != REPLICATED for layer in layers for s in layer.slices)
     if local_sums != "auto":
         return local_sums, partitioned and not local_sums
@@ -582,7 +583,7 @@ def _transport(engine: DeepSpeedEngine, local_sums: Any, layers: list[Layer]) ->
         return False, True
     raw_bytes = engine.gradient_accumulation_steps() * _sample_dtype(layers).itemsize
     sums_bytes = 4 * (1 if _mean_from_gradient(engine) else 2)
-    return raw_bytes >= sums_bytes, raw_bytes < sums_bytes
+    return raw_bytes > sums_bytes, raw_bytes <= sums_bytes
 
 
 def _sample_dtype(layers: list[Layer]) -> torch.dtype:

@@ -2,8 +2,10 @@
 
 :class:`PartitionedMoments` is the moment source and layout the DeepSpeed adapter installs. It
 knows torch.distributed, not DeepSpeed: the adapter describes every parameter (:class:`Layer`)
-and where its elements are owned (:class:`OwnedSlice`), and brackets each ``engine.backward()``
-with :meth:`~PartitionedMoments.begin_micro_step` and :meth:`~PartitionedMoments.end_micro_step`.
+and where its elements are owned (:class:`OwnedSlice`), says what travels and when (:class:`Reduction`:
+local sums once per step, or every micro-step the fp32 rows or the raw samples), and brackets each
+``engine.backward()`` with :meth:`~PartitionedMoments.begin_micro_step` and
+:meth:`~PartitionedMoments.end_micro_step`.
 The bucket and its reductions: docs/deepspeed.md, "How the second moment travels"; the sample
 rules: docs/usage.md, "Which gradients are samples"; the per-layer sums: docs/design.md §4.
 """
@@ -27,6 +29,9 @@ REPLICATED = -1
 
 RAW = -2
 """In-flight mark of an all-to-all of raw samples (they arrive for this rank's elements)."""
+
+EXCHANGED = -3
+"""In-flight mark of an all-to-all of fp32 rows (every rank's rows of this rank's elements arrive)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,8 @@ class Layer:
 
 @dataclass(frozen=True)
 class _Entry:
-    """Elements [param_start, param_start + numel) of layer ``layer``'s flattened g^2 at ``offset`` of a bucket half."""
+    """The rows of elements [param_start, param_start + numel) of layer ``layer`` (flattened) at ``offset`` of a
+    bucket half."""
 
     layer: int
     param_start: int
@@ -121,7 +127,7 @@ class PartitionedMoments:
         reduced (a group of the caller's own, so its collectives never interleave with the engine's).
         ``capture=False``: layout only (no hooks, no Q, no bucket), for an optimizer with vr off.
 
-        ``bucket_numel``: fp32 elements of the bucket (both halves, all channels of the rows).
+        ``bucket_numel``: elements of the bucket (both halves; fp32 values of the rows, or raw samples).
         ``comm_device``: where the bucket lives and collectives run (the accelerator; under
         offload the owners and their Q, S are on the host).
         ``tensor_parallel_group``: the ranks holding the other shards of ``sharded`` layers (their
@@ -349,38 +355,37 @@ class PartitionedMoments:
         self._filling, self._entries, self._used = 1 - self._filling, [], 0
 
     def _reduce_async(self, entries: list[_Entry], values: Tensor) -> list[tuple]:
-        """One asynchronous reduce (all-reduce if replicated) per destination rank of the entries, or with
-        raw samples one all-to-all."""
+        """Start sending the rows (or raw samples) ``values`` [k, row] of ``entries`` to their owners: one
+        all-to-all for the partitioned elements (each slice once to its owner, which sums every rank's; a
+        reduce per owner would send about twice the bytes on gloo), one all-reduce for replicated ones."""
         by_rank: dict[int, list[tuple[int, OwnedSlice]]] = {}  # rank -> (offset in values, owned part)
         for entry in entries:
             for part in _owned_parts(self.layers[entry.layer].slices, entry.param_start, entry.numel):
                 by_rank.setdefault(part.rank, []).append((entry.offset + part.param_offset - entry.param_start, part))
-        if self.reduction.raw_samples is not None:
-            return [self._exchange_async(values, by_rank)]
         started = []
-        for rank in sorted(by_rank):
-            chunks = by_rank[rank]
-            flat = _gather(values, [(offset, part.numel) for offset, part in chunks])
-            if rank == REPLICATED:
-                work = dist.all_reduce(flat, group=self.group, async_op=True)
-            else:
-                work = dist.reduce(flat, dst=dist.get_global_rank(self.group, rank), group=self.group, async_op=True)
+        replicated = by_rank.pop(REPLICATED, None)
+        if replicated:
+            flat = _gather(values, [(offset, part.numel) for offset, part in replicated])
+            started.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, REPLICATED,
+                            [part for _, part in replicated]))
             self._count(flat)
-            started.append((work, flat, rank, [part for _, part in chunks]))
+        if by_rank:
+            started.append(self._exchange_async(values, by_rank))
         return started
 
     def _exchange_async(self, values: Tensor, by_rank: dict[int, list[tuple[int, OwnedSlice]]]) -> tuple:
-        """Send each rank the raw samples of its elements and receive every rank's samples of this rank's:
-        [world, mine] once complete (the ranks fill their halves in the same order, so the counts agree)."""
+        """Send each rank the rows of its elements and receive every rank's rows of this rank's:
+        [world, mine, row] once complete (the ranks fill their halves in the same order, so the counts agree)."""
         counts = [sum(part.numel for _, part in by_rank.get(rank, ())) for rank in range(self.world_size)]
         send = torch.cat([_gather(values, [(offset, part.numel) for offset, part in by_rank[rank]])
                           for rank in range(self.world_size) if counts[rank]])
         mine = counts[self.rank]
-        received = values.new_empty(self.world_size * mine, 1)
+        received = values.new_empty(self.world_size * mine, values.shape[1])
         work = dist.all_to_all_single(received, send, output_split_sizes=[mine] * self.world_size,
                                       input_split_sizes=counts, group=self.group, async_op=True)
         self._count(send)
-        return work, received.view(self.world_size, mine), RAW, [part for _, part in by_rank.get(self.rank, ())]
+        mark = RAW if self.reduction.raw_samples is not None else EXCHANGED
+        return work, received.view(self.world_size, mine, values.shape[1]), mark, [part for _, part in by_rank.get(self.rank, ())]
 
     def _count(self, sent: Tensor) -> None:
         self.comm["collectives"] += 1
@@ -389,29 +394,25 @@ class PartitionedMoments:
 
     def _complete(self) -> None:
         """Wait for the reductions in flight and add the results that are this rank's into Q (and S)."""
-        for work, flat, rank, parts in self._in_flight:
+        for work, received, rank, parts in self._in_flight:
             work.wait()
-            if rank == RAW:
-                self._accumulate_samples(flat, parts)
-            elif rank in (REPLICATED, self.rank):
-                self._accumulate(flat, parts)
+            if rank == RAW:  # every rank's samples [world, k, 1]: squared and summed in fp32
+                samples = received.squeeze(2).float()
+                sample_sum = samples.sum(0)
+                self._accumulate((samples.square_().sum(0), sample_sum), parts)
+            elif rank == EXCHANGED:  # every rank's rows [world, k, row]
+                self._accumulate(received.sum(0).unbind(1), parts)
+            else:
+                self._accumulate(received.unbind(1), parts)
         self._in_flight = []
 
-    def _accumulate_samples(self, received: Tensor, pieces: list[OwnedSlice]) -> None:
-        """Add every rank's raw samples [world, k] of this rank's elements into Q and S: squared and summed
-        in fp32."""
-        samples = received.float()
-        rows = torch.stack([(samples * samples).sum(0), samples.sum(0)], dim=1)
-        self._accumulate(rows, pieces)
-
-    def _accumulate(self, flat: Tensor, pieces: list[OwnedSlice]) -> None:
-        """Add reduced rows [k, (g^2[, g])] into Q (and S) of their owners."""
-        channels = (self._sq, self._sum)[:flat.shape[1]]
+    def _accumulate(self, channels: tuple[Tensor, ...], pieces: list[OwnedSlice]) -> None:
+        """Add reduced channels (g^2[, g]), each [k] over the pieces in turn, into Q (and S) of their owners."""
         start = 0
         for piece in pieces:
-            rows = flat.narrow(0, start, piece.numel).to(piece.owner.device)  # offload: one copy to the host
-            for channel, buffers in enumerate(channels):
-                buffers[id(piece.owner)].view(-1).narrow(0, piece.owner_offset, piece.numel).add_(rows[:, channel])
+            for channel, buffers in zip(channels, (self._sq, self._sum)):
+                values = channel.narrow(0, start, piece.numel).to(piece.owner.device)  # offload: to the host
+                buffers[id(piece.owner)].view(-1).narrow(0, piece.owner_offset, piece.numel).add_(values)
             start += piece.numel
 
     def owned_numel(self) -> int:
