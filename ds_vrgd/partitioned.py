@@ -27,11 +27,8 @@ from ds_vrgd.layout import Piece
 REPLICATED = -1
 """Destination rank meaning "every rank" (ZeRO 0)."""
 
-RAW = -2
-"""In-flight mark of an all-to-all of raw samples (they arrive for this rank's elements)."""
-
-EXCHANGED = -3
-"""In-flight mark of an all-to-all of fp32 rows (every rank's rows of this rank's elements arrive)."""
+EXCHANGED = -2
+"""In-flight mark of an all-to-all (every rank's rows, or raw samples, of this rank's elements arrive)."""
 
 
 @dataclass(frozen=True)
@@ -384,8 +381,8 @@ class PartitionedMoments:
         work = dist.all_to_all_single(received, send, output_split_sizes=[mine] * self.world_size,
                                       input_split_sizes=counts, group=self.group, async_op=True)
         self._count(send)
-        mark = RAW if self.reduction.raw_samples is not None else EXCHANGED
-        return work, received.view(self.world_size, mine, values.shape[1]), mark, [part for _, part in by_rank.get(self.rank, ())]
+        parts = [part for _, part in by_rank.get(self.rank, ())]
+        return work, received.view(self.world_size, mine, values.shape[1]), EXCHANGED, parts
 
     def _count(self, sent: Tensor) -> None:
         self.comm["collectives"] += 1
@@ -396,14 +393,14 @@ class PartitionedMoments:
         """Wait for the reductions in flight and add the results that are this rank's into Q (and S)."""
         for work, received, rank, parts in self._in_flight:
             work.wait()
-            if rank == RAW:  # every rank's samples [world, k, 1]: squared and summed in fp32
+            if rank == REPLICATED:  # all-reduced rows [k, row]
+                self._accumulate(received.unbind(1), parts)
+            elif self.reduction.raw_samples is not None:  # every rank's samples [world, k, 1]: squared, summed in fp32
                 samples = received.squeeze(2).float()
                 sample_sum = samples.sum(0)
                 self._accumulate((samples.square_().sum(0), sample_sum), parts)
-            elif rank == EXCHANGED:  # every rank's rows [world, k, row]
+            else:  # every rank's rows [world, k, row]
                 self._accumulate(received.sum(0).unbind(1), parts)
-            else:
-                self._accumulate(received.unbind(1), parts)
         self._in_flight = []
 
     def _accumulate(self, channels: tuple[Tensor, ...], pieces: list[OwnedSlice]) -> None:
