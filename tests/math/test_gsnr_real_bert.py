@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ds_vrgd.optim import VRSGD
+from ds_vrgd.optim import VRLAMB, VRSGD
 from tests.support.real_bert import bert_batches, bert_model, init_and_trained, mlm_loss, sample_grads
 from tests.support.reference import U32, gsnr_parts, moments, rho_error_bound, rho_from_moments_ref
 from tests.support.launching import rank_env, spawn
@@ -132,6 +132,29 @@ def layer_means(stats: dict, names: list[str]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ plain PyTorch
+
+
+def test_held_rho_of_gsnr_interval_on_cache_tiles(batches, states, monkeypatch):
+    """gsnr_interval 2 with CPU tiles far smaller than BERT's tensors (many blocks per step): the held step of
+    VRLAMB, whose rule writes its direction over rho and applies it in phase 3, moves the parameters as the
+    tile-free foreach path does (its statistics step's rho is the float64-checked one of the tests below)."""
+    monkeypatch.setattr("ds_vrgd.optim._base.CPU_TILE_NUMEL", 4096)
+    n, runs = 4, []
+    for foreach in (False, True):
+        model = model_in(batches, states["trained"], "fp32")
+        start = [p.detach().clone() for p in model.parameters()]
+        optimizer = VRLAMB(model.parameters(), lr=1e-3, gamma=GAMMA, gsnr_interval=2, foreach=foreach)
+        for step in range(2):  # a statistics step, then a held one
+            for i in range(n):
+                mlm_loss(model, batches.micro_batch(step * n + i, MICRO_BATCH)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    moved = max((a - b).abs().max().item() for a, b in zip(runs[1], start))
+    assert moved > 1e-4
+    for tiled, whole in zip(*runs):
+        torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
+
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
